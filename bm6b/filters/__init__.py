@@ -1,0 +1,1 @@
+"""Per-record logic of every stage, as plain functions and classes testable without Beam."""

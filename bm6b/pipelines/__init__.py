@@ -1,0 +1,1 @@
+"""Beam pipelines: the curate job and its stages."""

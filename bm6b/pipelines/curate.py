@@ -1,0 +1,174 @@
+"""The ``curate`` job: manifests in, WebDataset + Parquet shards, rejects and stats out.
+
+    ReadManifests -> Download -> NormalizeCaptions -> LanguageId -> DedupExactImages
+        -> ClipScore (when a model is set) -> WriteShards
+    every stage's rejects -> rejects/*.parquet
+
+``run_curate`` builds and runs the pipeline on any Beam runner; with no ``--runner`` it uses the
+in-process ``FnApiRunner`` (Beam's DirectRunner would first try to download the Prism runner).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from bm6b.filters.download import FetchConfig
+from bm6b.filters.image import ImageConfig
+from bm6b.pipelines import ingest, stages
+from bm6b.pipelines.shards import shard_for_key, write_shard
+from bm6b.pipelines.stats import STAGE_ORDER, compute_stats, write_stats
+from bm6b.schemas import REJECT_SCHEMA
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RUNNER = "FnApiRunner"
+
+
+@dataclasses.dataclass
+class CurateConfig:
+    """Everything the curate job needs besides the Beam options; the CLI flags map onto these fields."""
+
+    inputs: list[str]
+    output: str
+    columns: ingest.ColumnMap = dataclasses.field(default_factory=ingest.ColumnMap)
+    fetch: FetchConfig = dataclasses.field(default_factory=FetchConfig)
+    image: ImageConfig = dataclasses.field(default_factory=ImageConfig)
+    download_threads: int = 16
+    clip_model: str | None = None  # an open_clip config name; None skips scoring
+    clip_checkpoint: str | None = None
+    clip_device: str = "cpu"
+    clip_batch_size: int = 64
+    samples_per_shard: int = 10_000
+    overwrite: bool = False
+
+
+def build_pipeline(pipeline: beam.Pipeline, config: CurateConfig) -> None:
+    """Add the curate stages to ``pipeline``; the caller runs it."""
+    read = pipeline | "Ingest" >> stages.ReadManifests(config.inputs, config.columns)
+    downloaded = read.records | "Download" >> stages.Download(config.fetch, config.image, config.download_threads)
+    normalized = downloaded.records | "Captions" >> stages.NormalizeCaptions()
+    identified = normalized.records | "LanguageId" >> stages.LanguageId()
+    unique = identified.records | "DedupImage" >> stages.DedupExactImages()
+    records = unique.records
+    if config.clip_model:
+        records = records | "ClipScore" >> stages.ClipScore(
+            config.clip_model, config.clip_checkpoint, config.clip_device, config.clip_batch_size
+        )
+
+    _ = records | "WriteShards" >> WriteShards(config.output, config.samples_per_shard)
+
+    rejects = [read.rejects, downloaded.rejects, normalized.rejects, identified.rejects, unique.rejects]
+    _ = (
+        rejects
+        | "AllRejects" >> beam.Flatten()
+        | "WriteRejects"
+        >> beam.io.WriteToParquet(
+            FileSystems.join(config.output, "rejects", "rejects"),
+            schema=REJECT_SCHEMA,
+            codec="zstd",
+            file_name_suffix=".parquet",
+        )
+    )
+
+
+class WriteShards(beam.PTransform):
+    """Group records into shards of about ``samples_per_shard`` and write each tar + Parquet pair."""
+
+    def __init__(self, output: str, samples_per_shard: int):
+        super().__init__()
+        self.output = output
+        self.samples_per_shard = samples_per_shard
+
+    def expand(self, records):
+        total = records | "Count" >> beam.combiners.Count.Globally()
+        per_shard = self.samples_per_shard
+
+        def assign(record, count):
+            num_shards = max(1, math.ceil(count / per_shard))
+            return shard_for_key(record["key"], num_shards), record
+
+        output = self.output
+        return (
+            records
+            | "AssignShard" >> beam.Map(assign, count=beam.pvalue.AsSingleton(total))
+            | "GroupShard" >> beam.GroupByKey()
+            | "Write" >> beam.MapTuple(lambda index, members: write_shard(output, index, members))
+        )
+
+
+def prepare_output(output: str, overwrite: bool) -> None:
+    """Create the output folder; refuse one that already holds shards unless ``overwrite``."""
+    existing = [
+        m.path
+        for pattern in ("*.tar", "*.parquet", "stats.json", "rejects/*")
+        for result in FileSystems.match([FileSystems.join(output, pattern)])
+        for m in result.metadata_list
+    ]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{output} already contains curate output ({len(existing)} files, e.g. {existing[0]}); "
+            "choose another --output or pass --overwrite"
+        )
+    if existing:
+        FileSystems.delete(existing)
+    if not FileSystems.exists(output):
+        FileSystems.mkdirs(output)
+
+
+def expand_inputs(patterns: list[str]) -> list[str]:
+    """Expand globs; raise FileNotFoundError naming any pattern that matches nothing."""
+    paths: list[str] = []
+    for pattern in patterns:
+        matched = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+        if not matched:
+            raise FileNotFoundError(f"input manifest not found: {pattern}")
+        paths.extend(matched)
+    return paths
+
+
+def pipeline_options(beam_args: list[str] | None) -> PipelineOptions:
+    options = PipelineOptions(beam_args or [])
+    standard = options.view_as(StandardOptions)
+    if not standard.runner:
+        standard.runner = DEFAULT_RUNNER
+    return options
+
+
+def run_curate(config: CurateConfig, beam_args: list[str] | None = None) -> dict[str, Any]:
+    """Run the curate job to completion and return the stats also written to ``stats.json``."""
+    config.inputs = expand_inputs(config.inputs)
+    for path in config.inputs:
+        ingest.check_manifest(path, config.columns)
+    prepare_output(config.output, config.overwrite)
+
+    options = pipeline_options(beam_args)
+    started = time.monotonic()
+    pipeline = beam.Pipeline(options=options)
+    build_pipeline(pipeline, config)
+    logger.info("curate: %d manifest(s) -> %s on %s", len(config.inputs), config.output,
+                options.view_as(StandardOptions).runner)
+    result = pipeline.run()
+    result.wait_until_finish()
+    elapsed = time.monotonic() - started
+
+    stats = compute_stats(config.output, stages=_stages_run(config))
+    stats["elapsed_s"] = round(elapsed, 3)
+    stats["samples_per_s"] = round(stats["input_rows"] / elapsed, 2) if elapsed > 0 else None
+    stats["clip_model"] = config.clip_model
+    write_stats(config.output, stats)
+    for stage in stats["stages"]:
+        logger.info("stage %-12s in %7d  out %7d  rejected %s", stage["stage"], stage["in"], stage["out"],
+                    stage["rejected"] or "-")
+    return stats
+
+
+def _stages_run(config: CurateConfig) -> list[str]:
+    return [s for s in STAGE_ORDER if s != "clip" or config.clip_model]

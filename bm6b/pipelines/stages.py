@@ -1,0 +1,267 @@
+"""The curate stages as Beam PTransforms over sample records.
+
+Each transform takes a PCollection of records and returns a ``StageOutput`` with the records that
+pass and the rejects it produced. The per-record work lives in ``bm6b.filters`` and
+``bm6b.pipelines.ingest``; these classes only wire it into Beam and count it with ``Metrics``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+from typing import Any, Iterable
+
+import apache_beam as beam
+from apache_beam import pvalue
+from apache_beam.metrics import Metrics
+
+from bm6b.filters import captions
+from bm6b.filters.download import FetchConfig, Fetcher
+from bm6b.filters.image import ImageConfig, process_image
+from bm6b.pipelines import ingest
+from bm6b.schemas import Reason, make_reject
+
+logger = logging.getLogger(__name__)
+
+REJECTS = "rejects"
+METRICS_NAMESPACE = "bm6b"
+
+
+@dataclasses.dataclass
+class StageOutput:
+    records: beam.PCollection
+    rejects: beam.PCollection
+
+
+def _count(stage: str, what: str):
+    return Metrics.counter(METRICS_NAMESPACE, f"{stage}.{what}")
+
+
+class _RejectingDoFn(beam.DoFn):
+    """A DoFn whose subclasses call ``self.keep`` or ``self.reject``, both counted per stage."""
+
+    stage = ""
+
+    def setup(self):
+        self._in = _count(self.stage, "in")
+        self._out = _count(self.stage, "out")
+        self._rejected: dict[str, Any] = {}
+
+    def _reject(self, record: dict[str, Any], reason: str, detail: str):
+        counter = self._rejected.get(reason)
+        if counter is None:
+            counter = self._rejected[reason] = _count(self.stage, f"reject.{reason}")
+        counter.inc()
+        return pvalue.TaggedOutput(REJECTS, make_reject(record, stage=self.stage, reason=reason, detail=detail))
+
+
+def _split(pcoll: beam.PCollection, label: str, dofn: beam.DoFn) -> StageOutput:
+    results = pcoll | label >> beam.ParDo(dofn).with_outputs(REJECTS, main="records")
+    return StageOutput(results.records, results[REJECTS])
+
+
+# ---------------------------------------------------------------- ingest
+
+
+class _ReadManifest(_RejectingDoFn):
+    stage = ingest.STAGE
+
+    def __init__(self, columns: ingest.ColumnMap):
+        self.columns = columns
+
+    def process(self, path: str):
+        for row, fields, resolved in ingest.iter_manifest(path, self.columns):
+            self._in.inc()
+            kind, value = ingest.row_to_record(path, row, fields, resolved)
+            if kind == "record":
+                self._out.inc()
+                yield value
+            else:
+                yield self._reject(value, value["reason"], value["detail"])
+
+
+class ReadManifests(beam.PTransform):
+    """Stream every manifest file into sample records; bad rows become ingest rejects."""
+
+    def __init__(self, paths: list[str], columns: ingest.ColumnMap):
+        super().__init__()
+        self.paths = paths
+        self.columns = columns
+
+    def expand(self, pbegin):
+        out = _split(pbegin | "ManifestPaths" >> beam.Create(self.paths), "ReadRows", _ReadManifest(self.columns))
+        # Rows of one file come out of one worker; spread them before the expensive stages.
+        return StageOutput(out.records | "Spread" >> beam.Reshuffle(), out.rejects)
+
+
+# ---------------------------------------------------------------- download
+
+
+class _Download(_RejectingDoFn):
+    stage = "download"
+
+    def __init__(self, fetch: FetchConfig, image: ImageConfig, threads: int):
+        self.fetch_config = fetch
+        self.image_config = image
+        self.threads = threads
+
+    def setup(self):
+        super().setup()
+        self.fetcher = Fetcher(self.fetch_config)
+        self.pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="bm6b-download")
+
+    def teardown(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _work(self, record: dict[str, Any]):
+        fetched = self.fetcher.fetch(record["url"])
+        if not fetched.ok:
+            return record, fetched.reason, fetched.detail
+        image = process_image(fetched.body, self.image_config)
+        record["sha256"] = image.sha256
+        if not image.ok:
+            return record, image.reason, image.detail
+        record.update(
+            image=image.jpeg,
+            width=image.width,
+            height=image.height,
+            orig_width=image.orig_width,
+            orig_height=image.orig_height,
+            phash=image.phash,
+        )
+        return record, None, ""
+
+    def process(self, batch: list[dict[str, Any]]):
+        self._in.inc(len(batch))
+        for record, reason, detail in self.pool.map(self._work, batch):
+            if reason is None:
+                self._out.inc()
+                yield record
+            else:
+                yield self._reject(record, reason, detail)
+
+
+class Download(beam.PTransform):
+    """Fetch, decode, resize and hash each image, a batch at a time over a thread pool."""
+
+    def __init__(self, fetch: FetchConfig, image: ImageConfig, threads: int = 16, batch_size: int = 64):
+        super().__init__()
+        self.dofn = _Download(fetch, image, threads)
+        self.batch_size = batch_size
+
+    def expand(self, records):
+        batches = records | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.batch_size)
+        return _split(batches, "FetchAndDecode", self.dofn)
+
+
+# ---------------------------------------------------------------- captions
+
+
+class _NormalizeCaptions(_RejectingDoFn):
+    stage = "captions"
+
+    def process(self, record: dict[str, Any]):
+        self._in.inc()
+        record, failure = captions.normalize_record(record)
+        if failure:
+            yield self._reject(record, *failure)
+        else:
+            self._out.inc()
+            yield record
+
+
+class NormalizeCaptions(beam.PTransform):
+    """Unicode NFKC, HTML entities and whitespace; rows with no caption left are rejected."""
+
+    def expand(self, records):
+        return _split(records, "Normalize", _NormalizeCaptions())
+
+
+class _LanguageId(_RejectingDoFn):
+    stage = "lid"
+
+    def setup(self):
+        super().setup()
+        self.model = captions.load_lid_model()
+
+    def process(self, record: dict[str, Any]):
+        self._in.inc()
+        record, failure = captions.assign_languages(record, self.model)
+        if failure:
+            yield self._reject(record, *failure)
+        else:
+            self._out.inc()
+            yield record
+
+
+class LanguageId(beam.PTransform):
+    """fastText lid.176 per caption; captions of unknown language move to their zh or en slot."""
+
+    def expand(self, records):
+        return _split(records, "Detect", _LanguageId())
+
+
+# ---------------------------------------------------------------- exact image dedup
+
+
+def keep_rank(record: dict[str, Any]) -> tuple:
+    """Sort key for choosing the kept sample among duplicates: both languages first, then the key."""
+    both = bool(record.get("caption_zh")) and bool(record.get("caption_en"))
+    return (not both, record["key"])
+
+
+class _KeepOnePerImage(_RejectingDoFn):
+    stage = "dedup_image"
+
+    def process(self, group: tuple[str, Iterable[dict[str, Any]]]):
+        _, members = group
+        ordered = sorted(members, key=keep_rank)
+        self._in.inc(len(ordered))
+        kept = ordered[0]
+        self._out.inc()
+        yield kept
+        for duplicate in ordered[1:]:
+            yield self._reject(duplicate, Reason.DUPLICATE_IMAGE.value, f"same sha256 as kept key {kept['key']}")
+
+
+class DedupExactImages(beam.PTransform):
+    """Keep one sample per image sha256 across the whole run; reject the rest as duplicate_image."""
+
+    def expand(self, records):
+        grouped = records | "BySha256" >> beam.Map(lambda r: (r["sha256"], r)) | "Group" >> beam.GroupByKey()
+        return _split(grouped, "KeepOne", _KeepOnePerImage())
+
+
+# ---------------------------------------------------------------- CLIP score
+
+
+class _ClipScore(beam.DoFn):
+    def __init__(self, model_name: str, checkpoint: str | None, device: str):
+        self.model_name = model_name
+        self.checkpoint = checkpoint
+        self.device = device
+
+    def setup(self):
+        from bm6b.filters.clip import ClipScorer
+
+        self.scorer = ClipScorer(self.model_name, self.checkpoint, self.device)
+        self.scored = _count("clip", "in")
+
+    def process(self, batch: list[dict[str, Any]]):
+        self.scorer.score_batch(batch)
+        self.scored.inc(len(batch))
+        yield from batch
+
+
+class ClipScore(beam.PTransform):
+    """Score each caption against its image with an open_clip model, in batches."""
+
+    def __init__(self, model_name: str, checkpoint: str | None = None, device: str = "cpu", batch_size: int = 64):
+        super().__init__()
+        self.dofn = _ClipScore(model_name, checkpoint, device)
+        self.batch_size = batch_size
+
+    def expand(self, records):
+        batches = records | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.batch_size)
+        return batches | "Score" >> beam.ParDo(self.dofn)
