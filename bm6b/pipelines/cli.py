@@ -1,0 +1,126 @@
+"""``bm6b curate`` and ``bm6b demo``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from bm6b.filters.download import FetchConfig
+from bm6b.filters.image import ImageConfig
+from bm6b.pipelines import ingest
+
+logger = logging.getLogger(__name__)
+
+
+def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every curate option except the inputs and the output (shared by curate and demo)."""
+    columns = parser.add_argument_group("manifest columns (detected from the header when not given)")
+    columns.add_argument("--url-col", help="column holding the image URL (default: url, URL, image_url)")
+    columns.add_argument("--caption-zh-col", help="column holding the Chinese caption")
+    columns.add_argument("--caption-en-col", help="column holding the English caption")
+    columns.add_argument("--caption-col", help="column holding a caption of either language; language ID assigns it")
+
+    fetch = parser.add_argument_group("download")
+    fetch.add_argument("--timeout", type=float, default=FetchConfig.timeout, help="connect and read timeout, seconds")
+    fetch.add_argument("--deadline", type=float, default=FetchConfig.deadline, help="total time per URL, seconds")
+    fetch.add_argument("--max-bytes", type=int, default=FetchConfig.max_bytes, help="maximum image size in bytes")
+    fetch.add_argument("--user-agent", default=FetchConfig.user_agent, help="User-Agent header sent with each request")
+    fetch.add_argument(
+        "--allow-network",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="exempt a network from the SSRF guard, e.g. 127.0.0.0/8 for a local test server (repeatable)",
+    )
+    fetch.add_argument("--download-threads", type=int, default=16, help="concurrent downloads per worker")
+
+    image = parser.add_argument_group("images")
+    image.add_argument("--image-size", type=int, default=ImageConfig.image_size, help="target size in pixels")
+    image.add_argument("--resize-mode", default=ImageConfig.resize_mode, choices=["keep_ratio", "no"],
+                       help="keep_ratio: shorter side becomes --image-size (never upscaled); no: keep the size")
+    image.add_argument("--min-image-size", type=int, default=0, help="reject images whose shorter side is smaller")
+    image.add_argument("--max-aspect-ratio", type=float, default=0.0, help="reject longer/shorter above this (0: off)")
+
+    clip = parser.add_argument_group("CLIP score")
+    clip.add_argument("--clip-model", help="open_clip model config, e.g. ViT-B-32, or bm6b-tiny; scoring is skipped when unset")
+    clip.add_argument("--clip-checkpoint", help="local open_clip checkpoint file for --clip-model (default: random init)")
+    clip.add_argument("--clip-device", default="cpu", help="torch device for scoring: cpu or cuda")
+    clip.add_argument("--clip-batch-size", type=int, default=64)
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--samples-per-shard", type=int, default=10_000)
+    out.add_argument("--overwrite", action="store_true", help="replace curate output already in --output")
+
+
+def config_from_args(args: argparse.Namespace, inputs: list[str], output: str):
+    from bm6b.pipelines.curate import CurateConfig
+
+    return CurateConfig(
+        inputs=inputs,
+        output=output,
+        columns=ingest.ColumnMap(args.url_col, args.caption_zh_col, args.caption_en_col, args.caption_col),
+        fetch=FetchConfig(
+            timeout=args.timeout,
+            deadline=args.deadline,
+            max_bytes=args.max_bytes,
+            user_agent=args.user_agent,
+            allow_networks=tuple(args.allow_network),
+        ),
+        image=ImageConfig(
+            image_size=args.image_size,
+            resize_mode=args.resize_mode,
+            min_size=args.min_image_size,
+            max_aspect_ratio=args.max_aspect_ratio,
+        ),
+        download_threads=args.download_threads,
+        clip_model=args.clip_model,
+        clip_checkpoint=args.clip_checkpoint,
+        clip_device=args.clip_device,
+        clip_batch_size=args.clip_batch_size,
+        samples_per_shard=args.samples_per_shard,
+        overwrite=args.overwrite,
+    )
+
+
+def run_curate_command(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from bm6b.pipelines.curate import run_curate
+    from bm6b.pipelines.stats import format_funnel
+
+    try:
+        stats = run_curate(config_from_args(args, args.inputs, args.output), beam_args)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        logger.error("%s", err)
+        return 2
+    print(format_funnel(stats))
+    print(f"shards, rejects and stats.json are in {args.output}")
+    return 0
+
+
+def run_demo_command(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from bm6b.pipelines.demo import run_demo
+
+    return run_demo(args, beam_args)
+
+
+def register(subparsers) -> None:
+    curate = subparsers.add_parser(
+        "curate",
+        help="turn URL + caption manifests into WebDataset and Parquet shards",
+        description="Run the curate job. Options this command does not know (e.g. --runner DataflowRunner "
+        "--project P --region R --temp_location gs://...) are passed to Apache Beam; the default runner is "
+        "the in-process FnApiRunner.",
+    )
+    curate.add_argument("inputs", nargs="+", metavar="INPUT", help="manifest files or globs (.parquet, .csv, .tsv, .jsonl, optionally .gz)")
+    curate.add_argument("--output", "-o", required=True, help="output folder (local path or gs://...)")
+    add_curate_arguments(curate)
+    curate.set_defaults(func=run_curate_command, accepts_extra=True)
+
+    demo = subparsers.add_parser(
+        "demo",
+        help="serve the bundled sample photos on 127.0.0.1 and curate them",
+        description="Start a loopback HTTP server over the bundled sample of redistributable photos, write a "
+        "manifest with their real captions plus a few dead links, run curate on it and print the funnel.",
+    )
+    demo.add_argument("--output", "-o", default="bm6b-demo", help="output folder (default: ./bm6b-demo)")
+    add_curate_arguments(demo)
+    demo.set_defaults(func=run_demo_command, accepts_extra=True, clip_model_default="bm6b-tiny")
