@@ -1,0 +1,224 @@
+"""Caption quality rules: junk and boilerplate, length per language, symbols, repeats, blocklists.
+
+Rules run on normalized captions (see ``text_normalize``). The first rule that fails comes back
+as a ``QualityIssue``, and the pipeline turns it into a ``caption_filtered`` reject that names the
+rule and its detail. Word lists and boilerplate patterns come from files, so a
+run can replace them without code changes.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from bm6b.filters.caption_config import CaptionConfig
+from bm6b.filters.text_normalize import HAN_CLASS
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "jpe", "jfif", "png", "gif", "webp", "bmp", "tif", "tiff", "heic", "avif", "svg")
+
+_HAN_RE = re.compile(f"[{HAN_CLASS}]")
+_LATIN_WORD_RE = re.compile(r"[A-Za-z0-9\u00c0-\u024f]+")
+_LETTER_RE = re.compile(r"[^\W\d_]")
+_URL_RE = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
+_FILE_NAME_RE = re.compile(r"\.(?:" + "|".join(IMAGE_EXTENSIONS) + r")\s*$", re.IGNORECASE)
+_CAMERA_NAME_RE = re.compile(r"^(?:IMG|DSC[NF]?|DCIM|PIC|PXL|MVIMG|VID|Screenshot|image)[_-]?\d[\w-]*$", re.IGNORECASE)
+_SLUG_RE = re.compile(r"^[A-Za-z0-9]+(?:[-_][A-Za-z0-9]+){2,}$")
+# Sentence punctuation does not count as special; every other non-letter, non-digit,
+# non-space character (symbols, emoji, box drawing, stray brackets) does.
+_SPECIAL_RE = re.compile(
+    r"[^\w\s.,;:!?'\"()\-\u2010-\u2015\u2018\u2019\u201c\u201d\u2026\u00b7"
+    "\u3001\u3002\uff0c\uff01\uff1f\uff1a\uff1b\uff08\uff09\u300a\u300b\u300c\u300d\u300e\u300f\u3010\u3011]"
+)
+_WORD_RE = re.compile(r"\w+")
+_EDGE_JUNK_RE = re.compile(r"^[\s\-\u2013\u2014|:,#/~*]+|[\s\-\u2013\u2014|:,#/~*]+$")
+
+
+@dataclass(frozen=True)
+class QualityIssue:
+    rule: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.rule}: {self.detail}"
+
+
+def count_han(text: str) -> int:
+    return len(_HAN_RE.findall(text))
+
+
+def zh_length(text: str) -> int:
+    """Length of a Chinese caption: Han characters plus Latin or digit words ("iPhone 13 手机壳" is 5)."""
+    return count_han(text) + len(_LATIN_WORD_RE.findall(text))
+
+
+def en_words(text: str) -> list[str]:
+    return text.split()
+
+
+def is_han_text(text: str) -> bool:
+    """True when Han characters are at least half of the letters (a zh-style length applies)."""
+    letters = _LETTER_RE.findall(text)
+    return bool(letters) and 2 * count_han(text) >= len(letters)
+
+
+@functools.lru_cache(maxsize=32)
+def _read_lines(path: str) -> tuple[str, ...]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ValueError(f"failed to read caption list file {path!r}: {err}; check the list file options") from err
+
+    lines = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            lines.append(line)
+    return tuple(lines)
+
+
+@functools.lru_cache(maxsize=32)
+def load_boilerplate(paths: tuple[str, ...]) -> re.Pattern[str] | None:
+    patterns = [p for path in paths for p in _read_lines(path)]
+    if not patterns:
+        return None
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"invalid boilerplate pattern {pattern!r}: {err}") from err
+    return re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE)
+
+
+@functools.lru_cache(maxsize=32)
+def load_blocklist(language: str, paths: tuple[str, ...]) -> re.Pattern[str] | None:
+    """Compile one list: zh terms match as substrings, other languages as whole words."""
+    terms = sorted({t for path in paths for t in _read_lines(path)}, key=len, reverse=True)
+    if not terms:
+        return None
+    alternation = "|".join(re.escape(t) for t in terms)
+    if language == "zh":
+        return re.compile(alternation, re.IGNORECASE)
+    return re.compile(rf"(?<!\w)(?:{alternation})(?!\w)", re.IGNORECASE)
+
+
+def strip_boilerplate(text: str, config: CaptionConfig) -> str:
+    """Remove stock-photo phrases and URLs, then the separators they leave at either end."""
+    pattern = load_boilerplate(tuple(config.boilerplate_files))
+    cleaned = _URL_RE.sub(" ", text)
+    if pattern is not None:
+        cleaned = pattern.sub(" ", cleaned)
+    if cleaned == text:
+        return text
+    cleaned = " ".join(cleaned.split())
+    return _EDGE_JUNK_RE.sub("", cleaned)
+
+
+def junk_issue(text: str) -> QualityIssue | None:
+    """Detect captions that are a URL, a file name, a URL slug, or have no letters at all."""
+    stripped = text.strip()
+    if _URL_RE.fullmatch(stripped):
+        return QualityIssue("url", "the caption is a URL")
+    if _FILE_NAME_RE.search(stripped) or _CAMERA_NAME_RE.match(stripped):
+        return QualityIssue("file_name", "the caption is an image file name")
+    if _SLUG_RE.match(stripped) and not stripped.isdigit():
+        return QualityIssue("slug", "the caption is a URL slug of words joined by - or _")
+    if not _LETTER_RE.search(stripped):
+        return QualityIssue("no_letters", "the caption has only digits, spaces or symbols")
+    return None
+
+
+def length_issue(text: str, language: str, config: CaptionConfig) -> QualityIssue | None:
+    if language in config.zh_labels or (language not in ("en",) and is_han_text(text)):
+        n = zh_length(text)
+        if n < config.min_zh_chars:
+            return QualityIssue("too_short", f"{n} Chinese characters and words < {config.min_zh_chars}")
+        if n > config.max_zh_chars:
+            return QualityIssue("too_long", f"{n} Chinese characters and words > {config.max_zh_chars}")
+        return None
+
+    words = en_words(text)
+    chars = sum(len(w) for w in words)
+    if len(words) < config.min_en_words:
+        return QualityIssue("too_short", f"{len(words)} words < {config.min_en_words}")
+    if chars < config.min_en_chars:
+        return QualityIssue("too_short", f"{chars} characters < {config.min_en_chars}")
+    if len(words) > config.max_en_words:
+        return QualityIssue("too_long", f"{len(words)} words > {config.max_en_words}")
+    return None
+
+
+def special_char_ratio(text: str) -> float:
+    nonspace = len(text) - sum(1 for c in text if c.isspace())
+    if nonspace == 0:
+        return 0.0
+    return len(_SPECIAL_RE.findall(text)) / nonspace
+
+
+def repeated_word_ratio(text: str) -> tuple[float, int]:
+    """Share of tokens that repeat an earlier token; Han text is tokenized into character bigrams."""
+    if is_han_text(text):
+        han = "".join(_HAN_RE.findall(text))
+        tokens = [han[i : i + 2] for i in range(len(han) - 1)]
+    else:
+        tokens = [w.lower() for w in _WORD_RE.findall(text)]
+    if not tokens:
+        return 0.0, 0
+    return 1.0 - len(set(tokens)) / len(tokens), len(tokens)
+
+
+def repetition_issue(text: str, config: CaptionConfig) -> QualityIssue | None:
+    run = re.search(rf"([^\d\s])\1{{{config.max_char_run},}}", text)
+    if run:
+        return QualityIssue("char_run", f"{run.group(0)[:20]!r} repeats one character more than {config.max_char_run} times")
+
+    ratio, n_tokens = repeated_word_ratio(text)
+    if n_tokens >= config.min_words_for_repeat_check and ratio > config.max_repeated_word_ratio:
+        return QualityIssue("repeated_words", f"{ratio:.2f} of {n_tokens} tokens repeat > {config.max_repeated_word_ratio}")
+    return None
+
+
+def blocklist_issue(text: str, config: CaptionConfig) -> QualityIssue | None:
+    for language, paths in config.blocklist_files.items():
+        pattern = load_blocklist(language, tuple(paths))
+        if pattern is None:
+            continue
+        match = pattern.search(text)
+        if match:
+            return QualityIssue("blocklist", f"matches {match.group(0)!r} from the {language} blocklist")
+    return None
+
+
+def check_caption(text: str, language: str, config: CaptionConfig) -> tuple[str, QualityIssue | None]:
+    """Run every quality rule on a normalized caption.
+
+    ``language`` is the lid.176 label (zh, yue, wuu, en, ...). Returns the caption with
+    boilerplate removed and the first failing rule, or ``None`` when the caption passes.
+    """
+    if not text:
+        return text, QualityIssue("empty", "no text left after normalization")
+
+    issue = junk_issue(text)
+    if issue:
+        return text, issue
+
+    if config.strip_boilerplate:
+        text = strip_boilerplate(text, config)
+        if not text:
+            return text, QualityIssue("boilerplate", "only boilerplate phrases and URLs")
+
+    issue = blocklist_issue(text, config)
+    if issue:
+        return text, issue
+
+    issue = length_issue(text, language, config)
+    if issue:
+        return text, issue
+
+    ratio = special_char_ratio(text)
+    if ratio > config.max_special_char_ratio:
+        return text, QualityIssue("special_chars", f"special-character ratio {ratio:.2f} > {config.max_special_char_ratio}")
+
+    issue = repetition_issue(text, config)
+    return text, issue

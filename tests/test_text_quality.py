@@ -1,0 +1,197 @@
+"""Caption quality rules, checked on real LAION, Flickr8k-CN and COCO captions."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from bm6b.filters.caption_config import CaptionConfig
+from bm6b.filters.text_normalize import normalize_caption
+from bm6b.filters.text_quality import (
+    check_caption,
+    junk_issue,
+    repeated_word_ratio,
+    special_char_ratio,
+    strip_boilerplate,
+    zh_length,
+)
+from text_data import coco_captions, flickr8k_captions, laion_texts
+
+CONFIG = CaptionConfig()
+
+
+@pytest.fixture(scope="module")
+def laion():
+    return laion_texts()
+
+
+def rule_of(text: str, language: str = "en", config: CaptionConfig = CONFIG) -> str | None:
+    _, issue = check_caption(normalize_caption(text, config), language, config)
+    return issue.rule if issue else None
+
+
+def test_file_names_laion(laion):
+    for row in (59, 185, 686, 905, 1216, 1631):
+        assert rule_of(laion[row]) == "file_name", laion[row]
+    assert laion[686] == "MV046-CuteSpiderman-BW-Shirt.jpg"
+
+
+def test_camera_file_names():
+    assert junk_issue("IMG_20190312_1432").rule == "file_name"
+    assert junk_issue("DSC01234").rule == "file_name"
+    assert junk_issue("A photo of IMG tags") is None
+
+
+def test_slugs_laion(laion):
+    slug_rows = [i for i, t in enumerate(laion) if rule_of(t) == "slug"]
+    assert laion.index("inside-blue-mosque-istanbul-turkey") in slug_rows
+    assert rule_of("obsessive_Bodystocking_F202_white_back") == "slug"
+    assert rule_of("Slim-Fit Linen Trousers") is None
+
+
+def test_url_captions_laion(laion):
+    assert rule_of(laion[1622]) == "url"
+    assert rule_of("http://www.mytowntutors.com/2013/01/119-connected-educators-to-follow-in-2013/") == "url"
+
+
+def test_numbers_only(laion):
+    assert rule_of("0.32893747091293335") == "no_letters"
+    assert rule_of("2019 - 05 - 12 !!!") == "no_letters"
+    assert rule_of("★ ★ ★") == "no_letters"
+
+
+def test_stock_boilerplate_stripped_laion(laion):
+    cases = {
+        793: "Girls laying in grass",
+        835: "Woman holding a clock",
+        932: "Empty Room with Ladder, Paint Tray and Rollers",
+        428: "Loving couple caught in bed",
+        1010: "Back to school supplies.",
+        1837: "lush green beautiful woodland park garden",
+        1142: "Three christmas balls",
+    }
+    for row, expected in cases.items():
+        assert strip_boilerplate(normalize_caption(laion[row]), CONFIG) == expected, laion[row]
+
+
+def test_stock_only_caption_too_short(laion):
+    assert laion[150] == "Rooster Royalty Free Stock Photos"
+    cleaned, issue = check_caption(laion[150], "en", CONFIG)
+    assert cleaned == "Rooster"
+    assert issue.rule == "too_short"
+
+
+def test_stock_word_in_other_meanings_kept(laion):
+    assert strip_boilerplate(laion[1592], CONFIG) == "Japan stocks edge up on Athens vote"
+    assert strip_boilerplate(laion[2360], CONFIG) == laion[2360]
+
+
+def test_japanese_and_chinese_stock_phrases():
+    assert strip_boilerplate("花のイラスト ストック写真", CONFIG) == "花のイラスト"
+    assert strip_boilerplate("可爱的小猫在草地上 图库矢量图片", CONFIG) == "可爱的小猫在草地上"
+    assert strip_boilerplate("北京故宫的雪景 查看源网页", CONFIG) == "北京故宫的雪景"
+
+
+def test_boilerplate_off():
+    config = CaptionConfig(strip_boilerplate=False)
+    cleaned, issue = check_caption("Rooster Royalty Free Stock Photos", "en", config)
+    assert cleaned == "Rooster Royalty Free Stock Photos"
+    assert issue is None
+
+
+def test_zh_length_counts_han_and_words():
+    assert zh_length("iPhone 13 手机壳") == 5
+    assert zh_length("一只狗。") == 3
+    assert rule_of("小狗。", "zh") == "too_short"
+    assert rule_of("奔跑的狗。", "zh") is None
+    assert rule_of("一只小狗", "zh", CaptionConfig(min_zh_chars=5)) == "too_short"
+
+
+def test_en_length_counts_words():
+    assert rule_of("wheelchair") == "too_short"
+    assert rule_of("a b") == "too_short"  # 2 words but 2 characters
+    assert rule_of("a dog") == "too_short"  # 4 characters
+    assert rule_of("a big dog") is None
+
+
+def test_length_limits_from_config():
+    config = CaptionConfig(min_en_words=4, max_zh_chars=10)
+    assert rule_of("a brown dog", "en", config) == "too_short"
+    assert rule_of("一个穿着泳装的女人躺在海水里", "zh", config) == "too_long"
+
+
+def test_too_long_laion(laion):
+    assert rule_of(laion[930]) == "too_long"
+
+
+def test_special_char_ratio():
+    assert special_char_ratio("abc") == 0.0
+    assert special_char_ratio("a★b★") == pytest.approx(0.5)
+    assert special_char_ratio("一个女人，在海边。") == 0.0
+    assert rule_of("♥♥♥ love ♥♥♥ you ♥♥♥") == "special_chars"
+
+
+def test_char_run_laion(laion):
+    assert rule_of(laion[laion.index("Shootout At Khandesh............(.the Thetrical) video")]) == "char_run"
+    assert rule_of("哈哈哈哈哈哈哈哈 好开心的小狗", "zh") == "char_run"
+    assert rule_of("the year 1000000 in a book") is None
+
+
+def test_repeated_words_laion(laion):
+    ratio, n = repeated_word_ratio("is a dodge magnum a car dodge magnum srt car photos dodge magnum srt car")
+    assert n == 15
+    assert ratio == pytest.approx(8 / 15)
+    assert rule_of("is a dodge magnum a car dodge magnum srt car photos dodge magnum srt car") == "repeated_words"
+    assert rule_of("高清壁纸高清壁纸高清壁纸高清壁纸", "zh") == "repeated_words"
+
+
+def test_blocklist_whole_words(laion):
+    assert rule_of("Double Teamed #2 Porn Movie") == "blocklist"
+    assert rule_of("A pornographic magazine") == "blocklist"
+    assert rule_of("Scunthorpe United football club") is None  # no whole-word match
+    assert rule_of("a milfoil plant in a pond") is None
+
+
+def test_blocklist_zh_substring():
+    assert rule_of("免费色情视频在线观看", "zh") == "blocklist"
+    assert rule_of("一只色彩鲜艳的鸟", "zh") is None
+
+
+def test_blocklist_laion_adult_rows(laion):
+    blocked = [t for t in laion if rule_of(t) == "blocklist"]
+    assert len(blocked) == 12
+
+
+def test_custom_blocklist_file(tmp_path):
+    path = tmp_path / "mine.txt"
+    path.write_text("# comment\nbanana\n", encoding="utf-8")
+    config = CaptionConfig(blocklist_files={"en": (str(path),)})
+    assert rule_of("a banana on a table", "en", config) == "blocklist"
+    assert rule_of("a pornographic magazine", "en", config) is None
+
+
+def test_missing_list_file_raises(tmp_path):
+    config = CaptionConfig(boilerplate_files=(str(tmp_path / "absent.txt"),))
+    with pytest.raises(ValueError, match="absent.txt"):
+        check_caption("a dog on the grass", "en", config)
+
+
+def test_empty_caption():
+    assert rule_of("") == "empty"
+
+
+def test_laion_rule_counts(laion):
+    counts = collections.Counter(rule_of(t) for t in laion)
+    assert counts["file_name"] == 32
+    assert counts["url"] == 2
+    assert counts[None] > 4700
+
+
+def test_flickr8k_and_coco_pass():
+    zhc = list(flickr8k_captions("zhc").values())[:3000]
+    rejected_zh = [c for c in zhc if rule_of(c, "zh")]
+    assert len(rejected_zh) <= 5, rejected_zh
+    coco = coco_captions(limit=3000)
+    rejected_en = [c for c in coco if rule_of(c)]
+    assert len(rejected_en) <= 5, rejected_en
