@@ -57,10 +57,11 @@ class CaptionConfig:
     max_caption_repeats: int = 10
 
     # Language ID (fastText lid.176, bundled lite model).
-    min_lid_confidence: dict[str, float] = field(default_factory=lambda: {"zh": 0.5, "en": 0.5})
+    # Keys are slots (zh, en) or single labels (yue, wuu). The zh score sums zh, yue and wuu.
+    min_lid_confidence: dict[str, float] = field(default_factory=lambda: {"zh": 0.5, "en": 0.25})
     default_min_lid_confidence: float = 0.5  # for languages missing from min_lid_confidence
     zh_labels: tuple[str, ...] = ZH_LABELS
-    mixed_second_min: float = 0.2  # a second language at least this likely marks the caption as mixed
+    mixed_second_min: float = 0.2  # zh and en both at least this likely mark the caption as mixed
     mixed_script_min_share: float = 0.2  # or both Han and Latin letters hold at least this share
     han_script_override: float = 0.6  # a caption whose letters are at least this share Han, and no kana or hangul, is zh
     convert_traditional: bool = False  # OpenCC t2s on traditional or mixed zh captions, keeping the original
