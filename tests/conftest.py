@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import ipaddress
 import os
 import socket
+import sys
 import threading
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,9 +36,9 @@ class NetworkGuardError(AssertionError):
     pass
 
 
-@pytest.fixture(autouse=True)
-def loopback_only_network(monkeypatch):
-    """Fail the test on any DNS lookup or connect that does not stay on this machine."""
+@contextlib.contextmanager
+def network_guard():
+    """Make any DNS lookup or connect that does not stay on this machine fail with NetworkGuardError."""
     real_getaddrinfo = socket.getaddrinfo
     real_connect = socket.socket.connect
     real_connect_ex = socket.socket.connect_ex
@@ -56,10 +60,18 @@ def loopback_only_network(monkeypatch):
         check(address)
         return real_connect_ex(sock, address)
 
-    monkeypatch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
-    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", guarded_connect_ex)
-    yield
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
+        patch.setattr(socket.socket, "connect", guarded_connect)
+        patch.setattr(socket.socket, "connect_ex", guarded_connect_ex)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def loopback_only_network():
+    """Fail the test on any DNS lookup or connect that does not stay on this machine."""
+    with network_guard():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -107,3 +119,32 @@ def serve_folder():
     yield start
     for server in servers:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def flickr8k_run(shared_raw, tmp_path_factory):
+    """Curate the 1,000 real Flickr8k photos served from 127.0.0.1, once per test session.
+
+    Returns a dict with ``output`` (the output folder), ``stats`` (what run_curate returned) and
+    the facts of the manifest built by ``tests/flickr8k.py`` (rows, dead links, duplicate, captions).
+    """
+    from bm6b.filters.download import FetchConfig
+    from bm6b.pipelines.curate import CurateConfig, run_curate
+    from flickr8k import write_flickr8k_manifests
+
+    folder = tmp_path_factory.mktemp("flickr8k")
+    server = LocalServer(shared_raw / "flickr8k-images" / "images")
+    try:
+        with network_guard():
+            facts = write_flickr8k_manifests(shared_raw, folder / "manifests", f"http://127.0.0.1:{server.port}")
+            config = CurateConfig(
+                inputs=facts["paths"],
+                output=str(folder / "out"),
+                fetch=FetchConfig(allow_networks=("127.0.0.0/8",), timeout=5.0),
+                clip_model="bm6b-tiny",
+                samples_per_shard=400,
+            )
+            stats = run_curate(config)
+    finally:
+        server.close()
+    return {"output": folder / "out", "stats": stats, **facts}

@@ -151,7 +151,11 @@ class Download(beam.PTransform):
         self.batch_size = batch_size
 
     def expand(self, records):
-        batches = records | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.batch_size)
+        # Fixed-size batches: BatchElements' adaptive sizing starts at one element, which would
+        # leave the thread pool idle; download time is network-bound, not per-batch overhead.
+        batches = records | "Batch" >> beam.BatchElements(
+            min_batch_size=self.batch_size, max_batch_size=self.batch_size
+        )
         return _split(batches, "FetchAndDecode", self.dofn)
 
 
