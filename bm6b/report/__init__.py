@@ -1,0 +1,1 @@
+"""Run report (HTML + PNG figures) and shard inspection for curate output folders."""
