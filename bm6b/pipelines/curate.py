@@ -167,6 +167,10 @@ def run_curate(config: CurateConfig, beam_args: list[str] | None = None) -> dict
     for stage in stats["stages"]:
         logger.info("stage %-12s in %7d  out %7d  rejected %s", stage["stage"], stage["in"], stage["out"],
                     stage["rejected"] or "-")
+
+    from bm6b.report.render import write_run_report
+
+    write_run_report(config.output)
     return stats
 
 
