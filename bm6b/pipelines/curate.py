@@ -131,7 +131,11 @@ def expand_inputs(patterns: list[str]) -> list[str]:
         if not matched:
             raise FileNotFoundError(f"input manifest not found: {pattern}")
         paths.extend(matched)
-    return paths
+    unique = list(dict.fromkeys(paths))
+    if len(unique) < len(paths):
+        # Keys hash the path and the row number, so reading a file twice would repeat its keys.
+        logger.warning("ignoring %d input path(s) given more than once", len(paths) - len(unique))
+    return unique
 
 
 def pipeline_options(beam_args: list[str] | None) -> PipelineOptions:
