@@ -8,6 +8,7 @@ import logging
 from bm6b.filters.download import FetchConfig
 from bm6b.filters.image import ImageConfig
 from bm6b.pipelines import ingest
+from bm6b.recipes import add_recipe_option
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ def register(subparsers) -> None:
     curate.add_argument("inputs", nargs="+", metavar="INPUT", help="manifest files or globs (.parquet, .csv, .tsv, .jsonl, optionally .gz)")
     curate.add_argument("--output", "-o", required=True, help="output folder (local path or gs://...)")
     add_curate_arguments(curate)
+    add_recipe_option(curate)
     curate.set_defaults(func=run_curate_command, accepts_extra=True)
 
     demo = subparsers.add_parser(
@@ -123,4 +125,5 @@ def register(subparsers) -> None:
     )
     demo.add_argument("--output", "-o", default="bm6b-demo", help="output folder (default: ./bm6b-demo)")
     add_curate_arguments(demo)
+    add_recipe_option(demo)
     demo.set_defaults(func=run_demo_command, accepts_extra=True, clip_model_default="bm6b-tiny")
