@@ -1,0 +1,37 @@
+"""Building open_clip models for training and evaluation, sized to the chosen tokenizer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bm6b.models import register_model_configs
+
+
+def build_model(model_name: str, tokenizer, device: torch.device | str = "cpu"):
+    """Create a randomly initialized open_clip model; return (model, train transform, eval transform).
+
+    The text tower's vocabulary and context length follow the tokenizer. No pretrained weights
+    are loaded, so nothing is downloaded.
+    """
+    import open_clip
+
+    register_model_configs()
+    config = open_clip.get_model_config(model_name)
+    if config is None:
+        raise ValueError(f"unknown open_clip model config {model_name!r}; see open_clip.list_models()")
+    text_cfg = dict(config["text_cfg"])
+    text_cfg["vocab_size"] = tokenizer.vocab_size
+    text_cfg["context_length"] = tokenizer.context_length
+    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        model_name,
+        pretrained=None,
+        device=device,
+        output_dict=True,
+        text_cfg=text_cfg,
+    )
+    return model, preprocess_train, preprocess_val
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
