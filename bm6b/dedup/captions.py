@@ -1,0 +1,151 @@
+"""Caption duplicate keys: a normalized exact key and MinHash LSH bands over n-gram shingles.
+
+The exact key folds away differences that do not change the meaning of a caption: Unicode NFKC
+(which also folds full-width Latin letters and digits to half width), traditional to simplified
+Chinese with OpenCC ``t2s``, lower case, and every punctuation, symbol and space character
+removed. ``"這是一隻貓！"`` and ``"这是一只猫"`` share one key.
+
+Near duplicates use MinHash over shingles of the normalized text: character n-grams for
+Chinese, because Chinese has no spaces and splitting on whitespace would turn a whole caption
+into one token; word n-grams for English. LSH bands (sized by datasketch for the threshold)
+propose candidates and the exact Jaccard similarity of the shingle sets decides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import re
+import unicodedata
+from typing import Iterable
+
+import numpy as np
+
+LANGUAGES = ("zh", "en")
+
+# Unicode general categories removed from the exact key: punctuation, symbols, separators.
+_DROP_CATEGORIES = ("P", "S", "Z", "C")
+# datasketch 2.x hashing scheme (32-bit SHA-1 values, affine permutations), its default.
+MINHASH_SCHEME = "affine32"
+_WORD_RE = re.compile(r"\w+", re.UNICODE)
+
+
+@functools.lru_cache(maxsize=1)
+def _t2s():
+    import opencc
+
+    return opencc.OpenCC("t2s")
+
+
+def fold_text(text: str) -> str:
+    """NFKC, traditional to simplified Chinese and lower case; punctuation and spaces kept."""
+    text = unicodedata.normalize("NFKC", text)
+    text = _t2s().convert(text)
+    return text.lower()
+
+
+def exact_key(text: str | None) -> str:
+    """Return the normalized exact-dedup key of a caption; empty when nothing is left."""
+    if not text:
+        return ""
+    folded = fold_text(text)
+    return "".join(ch for ch in folded if not unicodedata.category(ch).startswith(_DROP_CATEGORIES))
+
+
+@dataclasses.dataclass(frozen=True)
+class NearConfig:
+    """MinHash LSH settings for near-duplicate captions."""
+
+    threshold: float = 0.8  # minimum Jaccard similarity of the shingle sets
+    num_perm: int = 128
+    zh_ngram: int = 3  # characters per Chinese shingle
+    en_ngram: int = 2  # words per English shingle
+    seed: int = 1
+
+
+def shingles(text: str | None, language: str, config: NearConfig = NearConfig()) -> frozenset[str]:
+    """Return the shingle set: character n-grams of the exact key for zh, word n-grams for en.
+
+    A text shorter than one n-gram becomes a single shingle of the whole text, so short
+    captions only match captions with the same exact key.
+    """
+    if not text:
+        return frozenset()
+    if language == "zh":
+        units: list[str] = list(exact_key(text))
+        size = config.zh_ngram
+        join = ""
+    elif language == "en":
+        units = _WORD_RE.findall(fold_text(text))
+        size = config.en_ngram
+        join = " "
+    else:
+        raise ValueError(f"unknown caption language {language!r}; expected 'zh' or 'en'")
+    if not units:
+        return frozenset()
+    if len(units) <= size:
+        return frozenset([join.join(units)])
+    return frozenset(join.join(units[i : i + size]) for i in range(len(units) - size + 1))
+
+
+def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    if not a or not b:
+        return 0.0
+    return len(a & b) / len(a | b)
+
+
+@functools.lru_cache(maxsize=8)
+def lsh_layout(threshold: float, num_perm: int) -> tuple[int, int]:
+    """Return (bands, rows) for the threshold, as datasketch's MinHashLSH chooses them."""
+    from datasketch import MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    return lsh.b, lsh.r
+
+
+@functools.lru_cache(maxsize=8)
+def _permutations(num_perm: int, seed: int):
+    from datasketch import MinHash
+
+    return MinHash(num_perm=num_perm, seed=seed, scheme=MINHASH_SCHEME).permutations
+
+
+def minhash(shingle_set: Iterable[str], config: NearConfig = NearConfig()) -> np.ndarray:
+    """Return the datasketch MinHash signature (uint64 array of ``num_perm``) of a shingle set."""
+    from datasketch import MinHash
+
+    signature = MinHash(
+        num_perm=config.num_perm,
+        seed=config.seed,
+        permutations=_permutations(config.num_perm, config.seed),
+        scheme=MINHASH_SCHEME,
+    )
+    signature.update_batch([s.encode("utf-8") for s in shingle_set])
+    return signature.hashvalues
+
+
+def lsh_band_keys(signature: np.ndarray, config: NearConfig = NearConfig()) -> list[str]:
+    """Return one key per LSH band: the band index and a digest of that band's MinHash rows."""
+    bands, rows = lsh_layout(config.threshold, config.num_perm)
+    keys = []
+    for band in range(bands):
+        chunk = np.ascontiguousarray(signature[band * rows : (band + 1) * rows], dtype="<u8")
+        keys.append(f"{band}:{hashlib.blake2b(chunk.tobytes(), digest_size=8).hexdigest()}")
+    return keys
+
+
+def near_duplicate_forest(members: list[tuple[str, frozenset[str]]], threshold: float) -> list[tuple[str, str]]:
+    """Return spanning-forest edges among ``members`` (node, shingles) whose Jaccard is at least ``threshold``."""
+    from bm6b.dedup.phash import UnionFind
+
+    forest = UnionFind(len(members))
+    edges = []
+    for i in range(len(members)):
+        for j in range(i + 1, len(members)):
+            if forest.find(i) == forest.find(j):
+                continue
+            if jaccard(members[i][1], members[j][1]) >= threshold:
+                forest.union(i, j)
+                edges.append((members[i][0], members[j][0]))
+    return edges

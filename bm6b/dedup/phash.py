@@ -1,0 +1,311 @@
+"""Near-duplicate search over 64-bit pHash codes: candidate bands, verification, clustering.
+
+Candidate generation groups codes by (band, band value). Two schemes exist:
+
+* ``pigeonhole`` (exact): the 64 bits are cut into ``radius + 1`` contiguous bands. Two codes
+  within Hamming distance ``radius`` differ in at most ``radius`` bits, so at least one band
+  is equal in both and the pair meets in that band's group. Groups hold about
+  ``N / 2 ** (64 / (radius + 1))`` random codes, so the work grows with ``N ** 2`` at large N.
+* ``sampled`` (approximate): ``tables`` groups of ``bits`` randomly chosen bit positions (bit
+  sampling LSH). A pair at distance d collides in one table with probability
+  ``C(64 - d, bits) / C(64, bits)``; the table count is chosen so that a pair at exactly
+  ``radius`` is found with probability ``target_recall``. With ``bits`` close to ``log2 N``
+  groups stay small and the work grows close to linearly.
+
+Inside a group every pair is verified by popcount (numpy for small groups, a faiss
+``IndexBinaryFlat`` range search in query chunks for large ones), and only a spanning forest of
+the verified pairs leaves the group. A group of G codes therefore sends at most G - 1 edges
+downstream, even when every pair matches, and holds O(G) codes plus one query chunk of results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+HASH_BITS = 64
+
+# Groups with more distinct codes than this are verified with faiss instead of numpy pairs.
+FAISS_MIN_GROUP = 2048
+# Query rows per faiss range search, so a group whose codes all match bounds its result memory.
+FAISS_QUERY_CHUNK = 4096
+
+
+def hamming(a: int, b: int) -> int:
+    return (a ^ b).bit_count()
+
+
+@dataclasses.dataclass(frozen=True)
+class BandScheme:
+    """A list of bands; each band is the tuple of bit positions (0 = least significant) it reads."""
+
+    radius: int
+    bands: tuple[tuple[int, ...], ...]
+    exact: bool
+
+    def __post_init__(self):
+        # One 256-entry lookup table per (band, byte): OR-ing 8 lookups gives the band value.
+        tables = np.zeros((len(self.bands), 8, 256), dtype=np.uint64)
+        for band_index, positions in enumerate(self.bands):
+            for out_bit, position in enumerate(positions):
+                byte, bit = divmod(position, 8)
+                values = np.arange(256)
+                tables[band_index, byte] |= (((values >> bit) & 1) << out_bit).astype(np.uint64)
+        object.__setattr__(self, "_tables", tables)
+
+    def band_values(self, code: int) -> list[int]:
+        """Return the value of every band for one code."""
+        code_bytes = int(code).to_bytes(8, "little")
+        tables = self._tables
+        return [
+            int(
+                tables[b, 0, code_bytes[0]] | tables[b, 1, code_bytes[1]] | tables[b, 2, code_bytes[2]]
+                | tables[b, 3, code_bytes[3]] | tables[b, 4, code_bytes[4]] | tables[b, 5, code_bytes[5]]
+                | tables[b, 6, code_bytes[6]] | tables[b, 7, code_bytes[7]]
+            )
+            for b in range(len(self.bands))
+        ]
+
+    def band_values_array(self, codes: np.ndarray, band: int) -> np.ndarray:
+        """Return one band's values for an array of uint64 codes."""
+        codes = np.ascontiguousarray(codes, dtype=np.uint64)
+        code_bytes = codes.view(np.uint8).reshape(-1, 8)
+        if not np.little_endian:
+            code_bytes = code_bytes[:, ::-1]
+        table = self._tables[band]
+        values = table[0][code_bytes[:, 0]]
+        for byte in range(1, 8):
+            values |= table[byte][code_bytes[:, byte]]
+        return values
+
+
+def pigeonhole_scheme(radius: int) -> BandScheme:
+    """Cut 64 bits into ``radius + 1`` contiguous bands of near-equal width (exact for ``radius``)."""
+    check_radius(radius)
+    count = radius + 1
+    bands = []
+    start = 0
+    for index in range(count):
+        width = HASH_BITS // count + (1 if index < HASH_BITS % count else 0)
+        bands.append(tuple(range(start, start + width)))
+        start += width
+    return BandScheme(radius, tuple(bands), exact=True)
+
+
+def collision_probability(distance: int, bits: int) -> float:
+    """Probability that ``bits`` sampled positions avoid all ``distance`` differing bits."""
+    return math.comb(HASH_BITS - distance, bits) / math.comb(HASH_BITS, bits)
+
+
+def sampled_scheme(radius: int, bits: int, target_recall: float = 0.99, seed: int = 0) -> BandScheme:
+    """Bit-sampling LSH tables of ``bits`` positions, enough to find a pair at ``radius`` with ``target_recall``.
+
+    Positions are drawn without replacement within a table and independently across tables,
+    from a fixed seed so that every worker builds the same tables.
+    """
+    check_radius(radius)
+    if not 1 <= bits <= HASH_BITS - radius:
+        raise ValueError(f"invalid bits per table {bits}: expected 1..{HASH_BITS - radius} for radius {radius}")
+    if not 0 < target_recall < 1:
+        raise ValueError(f"invalid target recall {target_recall}: expected a value between 0 and 1")
+    p = collision_probability(radius, bits)
+    tables = max(1, math.ceil(math.log(1 - target_recall) / math.log(1 - p)))
+    rng = np.random.default_rng(seed)
+    bands = tuple(tuple(sorted(int(i) for i in rng.choice(HASH_BITS, size=bits, replace=False))) for _ in range(tables))
+    return BandScheme(radius, bands, exact=False)
+
+
+def make_scheme(radius: int, candidates: str = "pigeonhole", bits: int = 24, target_recall: float = 0.99) -> BandScheme:
+    if candidates == "pigeonhole":
+        return pigeonhole_scheme(radius)
+    if candidates == "sampled":
+        return sampled_scheme(radius, bits, target_recall)
+    raise ValueError(f"unknown candidate scheme {candidates!r}; expected 'pigeonhole' or 'sampled'")
+
+
+def check_radius(radius: int) -> None:
+    if not 0 <= radius < HASH_BITS // 2:
+        raise ValueError(f"invalid pHash radius {radius}: expected 0..{HASH_BITS // 2 - 1} bits")
+
+
+def to_faiss_codes(codes: np.ndarray) -> np.ndarray:
+    """Pack uint64 codes as the (n, 8) uint8 rows faiss binary indexes take, most significant byte first."""
+    return np.ascontiguousarray(np.asarray(codes, dtype=">u8")).view(np.uint8).reshape(-1, 8)
+
+
+class UnionFind:
+    def __init__(self, size: int):
+        self.parent = np.arange(size)
+
+    def find(self, item: int) -> int:
+        parent = self.parent
+        root = item
+        while parent[root] != root:
+            root = parent[root]
+        while parent[item] != root:
+            parent[item], item = root, parent[item]
+        return root
+
+    def union(self, a: int, b: int) -> bool:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return False
+        if ra < rb:
+            self.parent[rb] = ra
+        else:
+            self.parent[ra] = rb
+        return True
+
+
+def _numpy_pairs(codes: np.ndarray, radius: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    n = len(codes)
+    for start in range(0, n, 512):
+        block = codes[start : start + 512]
+        distances = np.bitwise_count(block[:, None] ^ codes[None, :])
+        rows, cols = np.nonzero(distances <= radius)
+        rows = rows + start
+        upper = cols > rows
+        yield rows[upper], cols[upper]
+
+
+def _faiss_pairs(codes: np.ndarray, radius: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    import faiss
+
+    packed = to_faiss_codes(codes)
+    index = faiss.IndexBinaryFlat(HASH_BITS)
+    index.add(packed)
+    for start in range(0, len(codes), FAISS_QUERY_CHUNK):
+        # faiss returns distances strictly below the given radius.
+        limits, _, labels = index.range_search(packed[start : start + FAISS_QUERY_CHUNK], radius + 1)
+        rows = np.repeat(np.arange(len(limits) - 1) + start, np.diff(limits).astype(np.int64))
+        upper = labels > rows
+        yield rows[upper], labels[upper]
+
+
+def verified_pairs(codes: np.ndarray, radius: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield chunks of index pairs (i < j) of distinct codes within ``radius``."""
+    if len(codes) < 2:
+        return
+    if len(codes) >= FAISS_MIN_GROUP:
+        yield from _faiss_pairs(codes, radius)
+    else:
+        yield from _numpy_pairs(codes, radius)
+
+
+def group_forest(members: Iterable[tuple[str, int]], radius: int) -> list[tuple[str, str]]:
+    """Return spanning-forest edges (node, node) of one candidate group's verified pairs.
+
+    ``members`` are (node, code) pairs. Nodes with equal codes are linked to the first node seen
+    with that code, so memory grows with the distinct codes, not with the members.
+    """
+    first_node: dict[int, str] = {}
+    edges: list[tuple[str, str]] = []
+    for node, code in members:
+        seen = first_node.setdefault(code, node)
+        if seen != node:
+            edges.append((node, seen))
+    if len(first_node) < 2:
+        return edges
+
+    codes = np.fromiter(first_node.keys(), dtype=np.uint64, count=len(first_node))
+    nodes = list(first_node.values())
+    forest = UnionFind(len(codes))
+    for rows, cols in verified_pairs(codes, radius):
+        for i, j in zip(rows.tolist(), cols.tolist()):
+            if forest.union(i, j):
+                edges.append((nodes[i], nodes[j]))
+    return edges
+
+
+def pairs_to_components(size: int, pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Return the component label (smallest member index) of each of ``size`` items, in memory.
+
+    Used by the benchmarks and tests as the single-process reference; the pipeline uses the
+    distributed components in ``bm6b.dedup.components``.
+    """
+    parent = np.arange(size)
+
+    def find(x: np.ndarray) -> np.ndarray:
+        while True:
+            up = parent[x]
+            if np.array_equal(up, x):
+                return x
+            x = up
+
+    for rows, cols in pairs:
+        rows = np.asarray(rows)
+        cols = np.asarray(cols)
+        # Hook larger roots under smaller ones until every pair shares a root.
+        while len(rows):
+            ra, rb = find(rows), find(cols)
+            differ = ra != rb
+            ra, rb = ra[differ], rb[differ]
+            low, high = np.minimum(ra, rb), np.maximum(ra, rb)
+            np.minimum.at(parent, high, low)
+            rows, cols = rows[differ], cols[differ]
+    labels = parent.copy()
+    while True:
+        up = labels[labels]
+        if np.array_equal(up, labels):
+            return labels
+        labels = up
+
+
+def candidate_pairs(codes: np.ndarray, scheme: BandScheme) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield verified (i, j) index pairs of ``codes`` in one process, band by band.
+
+    The single-process twin of the pipeline's band grouping, for benchmarks and tests: it sorts
+    each band's values, verifies every group like ``group_forest`` does, and may yield a pair
+    once per band in which it collides.
+    """
+    codes = np.asarray(codes, dtype=np.uint64)
+    for band in range(len(scheme.bands)):
+        values = scheme.band_values_array(codes, band)
+        order = np.argsort(values, kind="stable")
+        sorted_values = values[order]
+        starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+        sizes = np.diff(np.r_[starts, len(order)])
+        big = sizes > 1
+        yield from _pairs_in_groups(codes, order, starts[big], sizes[big], scheme.radius)
+
+
+def _pairs_in_groups(codes, order, starts, sizes, radius) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    # Groups of equal size are verified together as one (groups, size, size) array.
+    for size in np.unique(sizes):
+        group_starts = starts[sizes == size]
+        if size * size * len(group_starts) <= 1 << 24 and size < FAISS_MIN_GROUP:
+            for chunk in range(0, len(group_starts), max(1, (1 << 22) // int(size * size))):
+                chunk_starts = group_starts[chunk : chunk + max(1, (1 << 22) // int(size * size))]
+                members = order[chunk_starts[:, None] + np.arange(size)[None, :]]
+                member_codes = codes[members]
+                distances = np.bitwise_count(member_codes[:, :, None] ^ member_codes[:, None, :])
+                g, i, j = np.nonzero(np.triu(distances <= radius, k=1))
+                yield members[g, i], members[g, j]
+        else:
+            for start in group_starts:
+                members = order[start : start + size]
+                for rows, cols in verified_pairs(codes[members], radius):
+                    yield members[rows], members[cols]
+
+
+def brute_force_pairs(codes: np.ndarray, radius: int, queries: Sequence[int] | None = None):
+    """Yield all (i, j), i < j, within ``radius`` with faiss ``IndexBinaryFlat`` range search.
+
+    With ``queries`` (indices), only pairs whose first item is a query are searched, for
+    measuring brute force on a subset.
+    """
+    import faiss
+
+    packed = to_faiss_codes(codes)
+    index = faiss.IndexBinaryFlat(HASH_BITS)
+    index.add(packed)
+    query_ids = np.arange(len(codes)) if queries is None else np.asarray(queries)
+    for start in range(0, len(query_ids), 65536):
+        chunk = query_ids[start : start + 65536]
+        limits, _, labels = index.range_search(packed[chunk], radius + 1)
+        rows = np.repeat(chunk, np.diff(limits).astype(np.int64))
+        keep = labels != rows
+        yield rows[keep], labels[keep]

@@ -1,0 +1,390 @@
+"""The dedup steps as Beam PTransforms over sample records.
+
+Each transform takes a PCollection of records and returns a ``StageOutput`` with the records
+that pass and the rejects it produced, so each one also works alone. Global steps shuffle
+records by a key (URL, sha256, node id) instead of collecting anything on one worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Iterable
+
+import apache_beam as beam
+import numpy as np
+
+from bm6b.dedup import captions as caption_keys
+from bm6b.dedup import phash as ph
+from bm6b.dedup.components import DEFAULT_ROUNDS, ConnectedComponents
+from bm6b.dedup.evalsets import EvalIndex
+from bm6b.dedup.rank import keep_rank, node_extra, node_id, node_key
+from bm6b.pipelines.stages import StageOutput, _RejectingDoFn, _split
+from bm6b.schemas import Reason, normalize_url
+
+logger = logging.getLogger(__name__)
+
+STAGE_URL = "dedup_url"
+STAGE_IMAGE = "dedup_image"
+STAGE_EVAL = "decontam"
+STAGE_NEAR_IMAGE = "dedup_near_image"
+STAGE_CAPTION = "dedup_caption"
+
+DEFAULT_RADIUS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class DedupConfig:
+    """Settings of the dedup steps that run after the exact sha256 dedup."""
+
+    near_images: bool = True
+    radius: int = DEFAULT_RADIUS  # pHash Hamming radius, bits (inclusive)
+    candidates: str = "pigeonhole"  # "pigeonhole" (exact) or "sampled" (bit-sampling LSH)
+    sampled_bits: int = 24
+    captions: bool = True
+    caption_threshold: float = 0.8  # Jaccard similarity of shingle sets
+    eval_sets: tuple[str, ...] = ()
+    components_rounds: int = DEFAULT_ROUNDS
+
+
+# ---------------------------------------------------------------- keep one per key
+
+
+class _KeepOne(_RejectingDoFn):
+    """Keep the best-ranked record of each group; reject the rest with the kept key in the detail."""
+
+    def __init__(self, stage: str, reason: str, what: str):
+        self.stage = stage
+        self.reason = reason
+        self.what = what
+
+    def process(self, group: tuple[str, Iterable[dict[str, Any]]]):
+        _, members = group
+        ordered = sorted(members, key=keep_rank)
+        self._in.inc(len(ordered))
+        kept = ordered[0]
+        self._out.inc()
+        yield kept
+        for duplicate in ordered[1:]:
+            yield self._reject(duplicate, self.reason, f"same {self.what} as kept key {kept['key']}")
+
+
+def _url_key(record: dict[str, Any]) -> str:
+    try:
+        return normalize_url(record["url"])
+    except ValueError:
+        return record["url"]
+
+
+class DedupUrls(beam.PTransform):
+    """Keep one sample per normalized URL (see ``normalize_url``); reject the rest as duplicate_url.
+
+    Runs before download, so each image is fetched once. The kept sample follows the
+    representative rule; before download only "has both captions" and the key can decide.
+    """
+
+    def expand(self, records):
+        grouped = records | "ByUrl" >> beam.Map(lambda r: (_url_key(r), r)) | "Group" >> beam.GroupByKey()
+        return _split(grouped, "KeepOne", _KeepOne(STAGE_URL, Reason.DUPLICATE_URL.value, "normalized URL"))
+
+
+class DedupExactImages(beam.PTransform):
+    """Keep one sample per image sha256 across the whole run; reject the rest as duplicate_image."""
+
+    def expand(self, records):
+        grouped = records | "BySha256" >> beam.Map(lambda r: (r["sha256"], r)) | "Group" >> beam.GroupByKey()
+        return _split(grouped, "KeepOne", _KeepOne(STAGE_IMAGE, Reason.DUPLICATE_IMAGE.value, "sha256"))
+
+
+# ---------------------------------------------------------------- near-duplicate images
+
+
+def _image_node(record: dict[str, Any]) -> str:
+    return node_id(record, extra=f"{int(record['phash']):016x}")
+
+
+def _node_phash(node: str) -> int:
+    return int(node_extra(node), 16)
+
+
+class _BandKeys(beam.DoFn):
+    def __init__(self, scheme: ph.BandScheme):
+        self.scheme = scheme
+
+    def process(self, record: dict[str, Any]):
+        node = _image_node(record)
+        code = int(record["phash"])
+        for band, value in enumerate(self.scheme.band_values(code)):
+            yield (band, value), (node, code)
+
+
+def _group_edges(item, radius: int):
+    _, members = item
+    yield from ph.group_forest(members, radius)
+
+
+class _ApplyLabels(_RejectingDoFn):
+    """Join each record with its cluster label; reject it when the label is another node."""
+
+    def __init__(self, stage: str, reason: str, describe):
+        self.stage = stage
+        self.reason = reason
+        self.describe = describe
+
+    def process(self, item):
+        node, grouped = item
+        labels = list(grouped["label"])
+        for record in grouped["record"]:
+            self._in.inc()
+            if labels:
+                yield self._reject(record, self.reason, self.describe(node, labels))
+            else:
+                self._out.inc()
+                yield record
+
+
+def _describe_near_image(node: str, labels: list[str]) -> str:
+    kept = labels[0]
+    distance = ph.hamming(_node_phash(node), _node_phash(kept))
+    return f"near duplicate of kept key {node_key(kept)} (pHash Hamming distance {distance})"
+
+
+class DedupNearImages(beam.PTransform):
+    """Cluster pHash codes within ``radius`` bits across the run; keep one sample per cluster.
+
+    Band groups propose candidates, ``group_forest`` verifies them and sends a spanning forest
+    downstream, and ``ConnectedComponents`` joins the forests. Clusters are connected
+    components, so a chain of close pairs joins samples whose own distance exceeds ``radius``;
+    the reject detail gives the distance to the kept sample.
+    """
+
+    def __init__(self, radius: int = DEFAULT_RADIUS, candidates: str = "pigeonhole", sampled_bits: int = 24,
+                 rounds: int = DEFAULT_ROUNDS):
+        super().__init__()
+        self.scheme = ph.make_scheme(radius, candidates, sampled_bits)
+        self.radius = radius
+        self.rounds = rounds
+
+    def expand(self, records):
+        with_hash = records | "HasPhash" >> beam.Partition(lambda r, _: 0 if r.get("phash") is not None else 1, 2)
+        radius = self.radius
+        edges = (
+            with_hash[0]
+            | "BandKeys" >> beam.ParDo(_BandKeys(self.scheme))
+            | "GroupBands" >> beam.GroupByKey()
+            | "VerifyGroups" >> beam.FlatMap(_group_edges, radius=radius)
+        )
+        labels = edges | "Components" >> ConnectedComponents(self.rounds)
+        by_node = with_hash[0] | "ByNode" >> beam.Map(lambda r: (_image_node(r), r))
+        joined = {"record": by_node, "label": labels} | "JoinLabels" >> beam.CoGroupByKey()
+        out = _split(
+            joined,
+            "ApplyLabels",
+            _ApplyLabels(STAGE_NEAR_IMAGE, Reason.NEAR_DUPLICATE_IMAGE.value, _describe_near_image),
+        )
+        records_out = (out.records, with_hash[1]) | "WithUnhashed" >> beam.Flatten()
+        return StageOutput(records_out, out.rejects)
+
+
+# ---------------------------------------------------------------- captions
+
+
+def _caption_nodes(record: dict[str, Any], config: caption_keys.NearConfig):
+    """Yield (language, node, exact key, band keys, shingles) for each caption of a record."""
+    base = node_id(record)
+    for language in caption_keys.LANGUAGES:
+        text = record.get(f"caption_{language}")
+        key = caption_keys.exact_key(text)
+        if not key:
+            continue
+        shingle_set = caption_keys.shingles(text, language, config)
+        bands = caption_keys.lsh_band_keys(caption_keys.minhash(shingle_set, config), config)
+        yield language, f"{language}{base}", key, bands, shingle_set
+
+
+class _CaptionKeys(beam.DoFn):
+    def __init__(self, config: caption_keys.NearConfig):
+        self.config = config
+
+    def process(self, record: dict[str, Any]):
+        for language, node, key, bands, shingle_set in _caption_nodes(record, self.config):
+            yield beam.pvalue.TaggedOutput("exact", ((language, key), node))
+            for band in bands:
+                yield (language, band), (node, key, sorted(shingle_set))
+
+
+def _exact_edges(item):
+    _, nodes = item
+    first = None
+    for node in nodes:
+        if first is None:
+            first = node
+        else:
+            yield node, first
+
+
+def _near_edges(item, threshold: float):
+    _, members = item
+    distinct: dict[str, tuple[str, frozenset[str]]] = {}
+    for node, key, shingle_list in members:
+        # Exact-key duplicates are already linked by the exact step.
+        distinct.setdefault(key, (node, frozenset(shingle_list)))
+    if len(distinct) > 1:
+        yield from caption_keys.near_duplicate_forest(list(distinct.values()), threshold)
+
+
+def _caption_record_node(record: dict[str, Any]) -> str:
+    return node_id(record)
+
+
+def _split_language(label_item):
+    node, label = label_item
+    # Caption nodes are "zh<node id>" / "en<node id>"; the label is in the same language.
+    return node[2:], (node[:2], label[2:])
+
+
+class _ApplyCaptionLabels(_RejectingDoFn):
+    """Reject a record only when every caption it has duplicates a caption kept on another record."""
+
+    stage = STAGE_CAPTION
+
+    def process(self, item):
+        _, grouped = item
+        duplicated = dict(grouped["label"])
+        for record in grouped["record"]:
+            self._in.inc()
+            languages = [lang for lang in caption_keys.LANGUAGES if caption_keys.exact_key(record.get(f"caption_{lang}"))]
+            if languages and all(lang in duplicated for lang in languages):
+                detail = "; ".join(
+                    f"caption_{lang} duplicates kept key {node_key(duplicated[lang])}" for lang in languages
+                )
+                yield self._reject(record, Reason.DUPLICATE_CAPTION.value, detail)
+            else:
+                self._out.inc()
+                yield record
+
+
+class DedupCaptions(beam.PTransform):
+    """Cluster equal and near-equal captions per language; reject records left with no own caption.
+
+    Exact: records whose captions share ``exact_key``. Near: MinHash LSH over character
+    n-grams (zh) or word n-grams (en), verified by Jaccard similarity of the shingle sets.
+    Each language forms its own clusters and keeps one record per cluster by the
+    representative rule. A record is rejected as duplicate_caption only when each of its
+    captions sits in a cluster kept by another record: a record with a duplicated Chinese
+    caption but its own English caption stays, with both captions.
+    """
+
+    def __init__(self, threshold: float = 0.8, rounds: int = DEFAULT_ROUNDS, near: bool = True):
+        super().__init__()
+        self.config = caption_keys.NearConfig(threshold=threshold)
+        self.rounds = rounds
+        self.near = near
+
+    def expand(self, records):
+        keyed = records | "CaptionKeys" >> beam.ParDo(_CaptionKeys(self.config)).with_outputs("exact", main="bands")
+        exact = keyed.exact | "GroupExact" >> beam.GroupByKey() | "ExactEdges" >> beam.FlatMap(_exact_edges)
+        edge_sets = [exact]
+        if self.near:
+            near = (
+                keyed.bands
+                | "GroupBands" >> beam.GroupByKey()
+                | "NearEdges" >> beam.FlatMap(_near_edges, threshold=self.config.threshold)
+            )
+            edge_sets.append(near)
+        labels = (
+            edge_sets
+            | "AllEdges" >> beam.Flatten()
+            | "Components" >> ConnectedComponents(self.rounds)
+            | "ByRecord" >> beam.Map(_split_language)
+        )
+        by_node = records | "ByNode" >> beam.Map(lambda r: (_caption_record_node(r), r))
+        joined = {"record": by_node, "label": labels} | "JoinLabels" >> beam.CoGroupByKey()
+        return _split(joined, "ApplyLabels", _ApplyCaptionLabels())
+
+
+# ---------------------------------------------------------------- eval-set decontamination
+
+
+class _Decontaminate(_RejectingDoFn):
+    stage = STAGE_EVAL
+
+    def __init__(self, index: EvalIndex, radius: int):
+        self.phashes = np.asarray(index.phashes, dtype=np.uint64)
+        self.image_ids = list(index.image_ids)
+        self.captions = dict(index.captions)
+        self.radius = radius
+
+    def process(self, record: dict[str, Any]):
+        self._in.inc()
+        code = record.get("phash")
+        if code is not None and len(self.phashes):
+            distances = np.bitwise_count(self.phashes ^ np.uint64(int(code)))
+            nearest = int(np.argmin(distances))
+            if distances[nearest] <= self.radius:
+                detail = f"image within pHash Hamming distance {int(distances[nearest])} of eval image {self.image_ids[nearest]}"
+                yield self._reject(record, Reason.EVAL_CONTAMINATION.value, detail)
+                return
+        for language in caption_keys.LANGUAGES:
+            key = caption_keys.exact_key(record.get(f"caption_{language}"))
+            eval_id = self.captions.get(key) if key else None
+            if eval_id is not None:
+                detail = f"caption_{language} equals a caption of eval item {eval_id}"
+                yield self._reject(record, Reason.EVAL_CONTAMINATION.value, detail)
+                return
+        self._out.inc()
+        yield record
+
+
+class Decontaminate(beam.PTransform):
+    """Reject records whose image is within ``radius`` of an eval image or whose caption equals an eval caption.
+
+    The evaluation pHashes and caption keys ship inside the DoFn; each record is compared with
+    every evaluation pHash (numpy popcount, about 1 ms per record for 100,000 eval images).
+    """
+
+    def __init__(self, index: EvalIndex, radius: int = DEFAULT_RADIUS):
+        super().__init__()
+        self.dofn = _Decontaminate(index, radius)
+
+    def expand(self, records):
+        return _split(records, "Check", self.dofn)
+
+
+# ---------------------------------------------------------------- all steps
+
+
+def dedup_steps(config: DedupConfig, eval_index: EvalIndex | None = None) -> list[str]:
+    """Return the stage names ``apply_dedup_steps`` runs for this configuration, in order."""
+    names = []
+    if eval_index is not None and len(eval_index):
+        names.append(STAGE_EVAL)
+    if config.near_images:
+        names.append(STAGE_NEAR_IMAGE)
+    if config.captions:
+        names.append(STAGE_CAPTION)
+    return names
+
+
+def apply_dedup_steps(records, config: DedupConfig, eval_index: EvalIndex | None = None, prefix: str = ""):
+    """Apply decontamination (with eval sets), near-duplicate image and caption dedup to ``records``.
+
+    Returns the remaining records and the list of rejects PCollections, one per step run.
+    """
+    rejects = []
+    steps = dedup_steps(config, eval_index)
+    if STAGE_EVAL in steps:
+        out = records | f"{prefix}Decontaminate" >> Decontaminate(eval_index, config.radius)
+        records = out.records
+        rejects.append(out.rejects)
+    if STAGE_NEAR_IMAGE in steps:
+        out = records | f"{prefix}DedupNearImage" >> DedupNearImages(
+            config.radius, config.candidates, config.sampled_bits, config.components_rounds
+        )
+        records = out.records
+        rejects.append(out.rejects)
+    if STAGE_CAPTION in steps:
+        out = records | f"{prefix}DedupCaption" >> DedupCaptions(config.caption_threshold, config.components_rounds)
+        records = out.records
+        rejects.append(out.rejects)
+    return records, rejects

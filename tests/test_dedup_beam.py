@@ -1,0 +1,177 @@
+"""The dedup PTransforms on small hand-built inputs, on the in-process Beam runner."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+
+import apache_beam as beam
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from bm6b.dedup import DedupCaptions, DedupExactImages, DedupNearImages, DedupUrls, Decontaminate
+from bm6b.dedup.components import ConnectedComponents, large_star, small_star
+from bm6b.dedup.evalsets import EvalIndex
+from bm6b.schemas import new_record
+
+def _dump(path: str):
+    def write(items):
+        with open(path, "wb") as handle:
+            pickle.dump(items, handle)
+
+    return write
+
+
+def run_transform(transform, inputs) -> dict[str, list]:
+    """Run ``transform`` over ``inputs``; return its records and rejects (or its single output)."""
+    with tempfile.TemporaryDirectory() as folder:
+        names = []
+        with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as pipeline:
+            out = pipeline | beam.Create(inputs, reshuffle=False) | transform
+            outputs = {"records": out.records, "rejects": out.rejects} if hasattr(out, "records") else {"output": out}
+            for name, pcoll in outputs.items():
+                names.append(name)
+                _ = pcoll | f"{name}List" >> beam.combiners.ToList() | f"{name}Dump" >> beam.Map(_dump(os.path.join(folder, name)))
+        result = {}
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as handle:
+                result[name] = pickle.load(handle)
+        return result
+
+
+def make(key: str, **fields) -> dict:
+    record = new_record(key=key, uid=key * 2, url=fields.pop("url", f"http://127.0.0.1/{key}.jpg"), source="m.tsv",
+                        source_row=int(key, 16) % 1000)
+    record.update(fields)
+    return record
+
+
+def test_star_rounds_by_hand():
+    assert list(large_star(("b", ["a", "c", "d"]))) == [("c", "a"), ("d", "a")]
+    assert list(large_star(("a", ["b"]))) == [("b", "a")]
+    assert sorted(small_star(("d", ["b", "c"]))) == [("c", "b"), ("d", "b")]
+    assert list(small_star(("b", ["a"]))) == [("b", "a")]
+
+
+def test_components_of_chain_star_and_pair():
+    chain = [(f"c{i:03d}", f"c{i + 1:03d}") for i in range(60)]
+    random.Random(3).shuffle(chain)
+    star = [("s00", f"s{i:02d}") for i in range(1, 30)]
+    pair = [("p2", "p1"), ("p1", "p2"), ("p1", "p1")]
+    out = run_transform(ConnectedComponents(rounds=8), chain + star + pair)["output"]
+    labels = dict(out)
+    assert len(out) == len(labels) == 60 + 29 + 1
+    assert {labels[f"c{i:03d}"] for i in range(1, 61)} == {"c000"}
+    assert {labels[f"s{i:02d}"] for i in range(1, 30)} == {"s00"}
+    assert labels["p2"] == "p1"
+    assert "c000" not in labels and "s00" not in labels and "p1" not in labels
+
+
+def test_dedup_urls_keeps_bilingual_row():
+    rows = [
+        make("00000000000000a1", url="HTTP://Example.COM:80/cat.jpg?utm_source=x#top", caption_en="a cat"),
+        make("00000000000000a2", url="http://example.com/cat.jpg", caption_en="a cat", caption_zh="一只猫"),
+        make("00000000000000a3", url="http://example.com/cat.jpg?size=2", caption_en="a cat"),
+    ]
+    out = run_transform(DedupUrls(), rows)
+    assert sorted(r["key"] for r in out["records"]) == ["00000000000000a2", "00000000000000a3"]
+    [reject] = out["rejects"]
+    assert reject["key"] == "00000000000000a1"
+    assert reject["reason"] == "duplicate_url"
+    assert reject["stage"] == "dedup_url"
+    assert reject["detail"] == "same normalized URL as kept key 00000000000000a2"
+
+
+def test_dedup_exact_images_by_sha256():
+    rows = [make("00000000000000b1", sha256="s1", caption_en="x"), make("00000000000000b2", sha256="s1", caption_en="y"),
+            make("00000000000000b3", sha256="s2", caption_en="z")]
+    out = run_transform(DedupExactImages(), rows)
+    assert sorted(r["key"] for r in out["records"]) == ["00000000000000b1", "00000000000000b3"]
+    assert [(r["key"], r["reason"], r["detail"]) for r in out["rejects"]] == [
+        ("00000000000000b2", "duplicate_image", "same sha256 as kept key 00000000000000b1")
+    ]
+
+
+@pytest.mark.parametrize("candidates", ["pigeonhole", "sampled"])
+def test_near_images_cluster_and_representative(candidates):
+    base = 0x8F3C_5A10_77E2_C419
+    far = 0x1234_5678_9ABC_DEF0
+    rows = [
+        # Cluster 1: the bilingual, larger image is kept although its key sorts last.
+        make("00000000000000c1", phash=base, orig_width=100, orig_height=100, caption_en="a"),
+        make("00000000000000c2", phash=base ^ 0b111, orig_width=400, orig_height=300, caption_en="b", caption_zh="乙"),
+        make("00000000000000c3", phash=base ^ 0xFF00, orig_width=400, orig_height=300, caption_en="c"),
+        # Chained: 8 bits from c3, 16 bits from the kept c2 (distance reported to the kept key).
+        make("00000000000000c4", phash=base ^ 0xFF00 ^ 0xFF_0000_0000, orig_width=50, orig_height=50, caption_en="d"),
+        # Alone: far from everything, and one record without a pHash.
+        make("00000000000000c5", phash=far, orig_width=10, orig_height=10, caption_en="e"),
+        make("00000000000000c6", phash=None, caption_en="f"),
+    ]
+    out = run_transform(DedupNearImages(radius=8, candidates=candidates), rows)
+    assert sorted(r["key"] for r in out["records"]) == ["00000000000000c2", "00000000000000c5", "00000000000000c6"]
+    details = {r["key"]: r["detail"] for r in out["rejects"]}
+    assert details == {
+        "00000000000000c1": "near duplicate of kept key 00000000000000c2 (pHash Hamming distance 3)",
+        "00000000000000c3": "near duplicate of kept key 00000000000000c2 (pHash Hamming distance 11)",
+        "00000000000000c4": "near duplicate of kept key 00000000000000c2 (pHash Hamming distance 19)",
+    }
+    assert {r["reason"] for r in out["rejects"]} == {"near_duplicate_image"}
+    assert {r["stage"] for r in out["rejects"]} == {"dedup_near_image"}
+
+
+def test_near_images_radius_is_inclusive():
+    base = 0xF0F0_F0F0_F0F0_F0F0
+    rows = [make("00000000000000d1", phash=base, caption_en="a"),
+            make("00000000000000d2", phash=base ^ 0xF, caption_en="b"),
+            make("00000000000000d3", phash=base ^ 0x1F0000, caption_en="c")]
+    out = run_transform(DedupNearImages(radius=4), rows)
+    # d2 is 4 bits from d1 (merged), d3 is 5 bits from d1 and 9 from d2 (kept).
+    assert sorted(r["key"] for r in out["records"]) == ["00000000000000d1", "00000000000000d3"]
+
+
+def test_captions_exact_and_near_per_language():
+    rows = [
+        # zh exact duplicates after t2s, width folding and punctuation removal.
+        make("00000000000000e1", caption_zh="一只小狗在草地上奔跑。"),
+        make("00000000000000e2", caption_zh="一隻小狗在草地上奔跑！"),
+        make("00000000000000e3", caption_zh="一只小狗 在 草地上 奔跑"),
+        # en near duplicates: one word appended.
+        make("00000000000000e4", caption_en="A brown dog is running through the tall green grass in the park ."),
+        make("00000000000000e5", caption_en="a brown dog is running through the tall green grass in the park today"),
+        # A bilingual record whose zh is a duplicate but whose en is its own: kept.
+        make("00000000000000e6", caption_zh="一只小狗在草地上奔跑", caption_en="Puppy on a lawn"),
+        # Different short Chinese captions stay apart.
+        make("00000000000000e7", caption_zh="一只黑猫"),
+        make("00000000000000e8", caption_zh="一只白猫"),
+    ]
+    out = run_transform(DedupCaptions(threshold=0.8), rows)
+    kept = sorted(r["key"] for r in out["records"])
+    # e6 is bilingual, so it represents the zh cluster and e1..e3 all go.
+    assert kept == ["00000000000000e4", "00000000000000e6", "00000000000000e7", "00000000000000e8"]
+    details = {r["key"]: r["detail"] for r in out["rejects"]}
+    assert details == {
+        "00000000000000e1": "caption_zh duplicates kept key 00000000000000e6",
+        "00000000000000e2": "caption_zh duplicates kept key 00000000000000e6",
+        "00000000000000e3": "caption_zh duplicates kept key 00000000000000e6",
+        "00000000000000e5": "caption_en duplicates kept key 00000000000000e4",
+    }
+    assert {r["reason"] for r in out["rejects"]} == {"duplicate_caption"}
+
+
+def test_decontaminate_by_image_and_caption():
+    index = EvalIndex(phashes=[0xAAAA_AAAA_AAAA_AAAA], image_ids=["coco:val/1.jpg"], captions={"一只猫坐在沙发上": "coco-cn:7"})
+    rows = [
+        make("00000000000000f1", phash=0xAAAA_AAAA_AAAA_AAAA ^ 0b11, caption_en="x"),
+        make("00000000000000f2", phash=0x5555_5555_5555_5555, caption_zh="一隻貓坐在沙發上。"),
+        make("00000000000000f3", phash=0x5555_5555_5555_5555, caption_zh="一只狗"),
+    ]
+    out = run_transform(Decontaminate(index, radius=8), rows)
+    assert [r["key"] for r in out["records"]] == ["00000000000000f3"]
+    details = {r["key"]: r["detail"] for r in out["rejects"]}
+    assert details == {
+        "00000000000000f1": "image within pHash Hamming distance 2 of eval image coco:val/1.jpg",
+        "00000000000000f2": "caption_zh equals a caption of eval item coco-cn:7",
+    }
+    assert {r["reason"] for r in out["rejects"]} == {"eval_contamination"}
