@@ -32,6 +32,7 @@ class Reason(str, enum.Enum):
     OPTED_OUT = "opted_out"  # X-Robots-Tag or robots.txt forbids AI use
     BLOCKED_ADDRESS = "blocked_address"  # SSRF guard: loopback, private, link-local, ... address
     UNSUPPORTED_SCHEME = "unsupported_scheme"  # not http or https
+    HOST_FAILING = "host_failing"  # the host's circuit breaker is open after repeated failures
 
     # decode
     EMPTY_BODY = "empty_body"
@@ -69,6 +70,7 @@ RETRYABLE: frozenset[str] = frozenset(
         Reason.TOO_SLOW.value,
         Reason.HTTP_429.value,
         Reason.HTTP_5XX.value,
+        Reason.HOST_FAILING.value,
     }
 )
 
