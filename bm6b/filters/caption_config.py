@@ -66,21 +66,25 @@ class CaptionConfig:
     han_script_override: float = 0.6  # a caption whose letters are at least this share Han, and no kana or hangul, is zh
     convert_traditional: bool = False  # OpenCC t2s on traditional or mixed zh captions, keeping the original
 
-    # Translate-check.
+    # Translate-check. The combined score is sigmoid(translate_bias + sum of weight * sub-score);
+    # the weights were fitted with ``benchmarks/translate_check.py --fit --split train``.
     translate_threshold: float = 0.5  # combined score below this rejects the pair as translation_mismatch
-    length_ratio_low: float = 0.25  # CJK-aware length ratio outside [low, high] gives a zero length sub-score
-    length_ratio_high: float = 4.0
-    zh_chars_per_en_word: float = 1.6  # expected Han characters per English content word
+    translate_bias: float = -12.909
     weights: dict[str, float] = field(
         default_factory=lambda: {
-            "en_coverage": 0.35,
-            "zh_coverage": 0.35,
-            "length": 0.15,
-            "tokens": 0.15,
+            "en_coverage": 4.577,
+            "zh_coverage": -1.84,
+            "coverage_min": 8.452,
+            "length": 6.32,
+            "tokens": 3.0,  # hand-set: a pair whose digits and Latin tokens all differ loses 3 logits
             "embedding": 0.0,
         }
     )
-    embedding_model: str | None = None  # dotted path "module:callable" returning an encoder; None turns it off
+    length_ratio_low: float = 0.25  # CJK-aware length ratio outside [low, high] gives a zero length sub-score
+    length_ratio_high: float = 4.0
+    zh_chars_per_en_word: float = 1.6  # expected Han characters per English word
+    embedding_model: str | None = None  # "module:callable" returning an encoder; None turns it off
+    embedding_center: float = 0.5  # cosine that neither raises nor lowers the combined score
     translate_min_zh_han_share: float = 0.3  # the zh side must be at least this share Han among its letters
     translate_max_en_han_share: float = 0.1  # the en side may hold at most this share of Han letters
 

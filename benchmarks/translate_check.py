@@ -1,0 +1,252 @@
+"""Evaluate the translate-check scorer on Flickr8k-CN human and machine translations.
+
+Usage: python benchmarks/translate_check.py [--raw ../shared/data/raw] [--split test] [--limit N]
+
+Pairs, all built from the chosen split's images (test has the 5,000 human translations):
+
+* positives ``human``: English caption ``enc#N`` with its human translation ``zhm#N`` (test only);
+* positives ``mt_baidu`` / ``mt_google``: ``enc#N`` with the machine translations ``zhb#N`` / ``zhg#N``;
+* hard negatives ``zhc_same_image``: ``enc#N`` with the independently written Chinese caption
+  ``zhc#N`` of the same image;
+* hard negatives ``other_caption_same_image``: ``enc#N`` with the translation of another caption of
+  the same image (``zhm#(N+1) mod 5``, or ``zhb`` outside the test split);
+* easy negatives ``other_image``: ``enc#N`` with the translation of caption N of another image.
+
+For each negative kind the report gives the ROC-AUC of the combined score and of each sub-score.
+It also gives precision, recall and F1 of the positive class at the configured threshold, computed
+on the positives (``human`` on the test split) together with that kind's negatives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import random
+import sys
+import time
+
+import numpy as np
+
+from bm6b.filters.caption_config import CaptionConfig
+from bm6b.filters.text_normalize import normalize_caption
+from bm6b.filters.translate import TranslateChecker
+
+DEFAULT_RAW = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "raw"
+FILES = {
+    "enc": "flickr8kenc.caption.txt",
+    "zhc": "flickr8kzhc.caption.txt",
+    "zhm": "flickr8kzhmtest.captions.txt",
+    "zhb": "flickr8kzhb.caption.txt",
+    "zhg": "flickr8kzhg.caption.txt",
+}
+NEGATIVE_KINDS = ("zhc_same_image", "other_caption_same_image", "other_image")
+SUBSCORES = ("en_coverage", "zh_coverage", "coverage_min", "length", "tokens")
+
+
+def read_captions(raw: pathlib.Path, kind: str) -> dict[tuple[str, int], str]:
+    captions = {}
+    with open(raw / "flickr8k-cn" / FILES[kind], encoding="utf-8") as f:
+        for line in f:
+            key, _, text = line.rstrip("\n").partition(" ")
+            image, _, index = key.split("#")
+            captions[(image, int(index))] = text
+    return captions
+
+
+def read_split(raw: pathlib.Path, split: str) -> list[str]:
+    lines = (raw / "flickr8k-cn" / f"flickr8k{split}.txt").read_text().split()
+    return [line + ".jpg" for line in lines]
+
+
+def build_pairs(raw: pathlib.Path, split: str = "test", limit: int | None = None,
+                seed: int = 0) -> dict[str, list[tuple[str, str]]]:
+    """Return (zh, en) pairs per kind; ``limit`` keeps the first N images of the split."""
+    images = read_split(raw, split)
+    if limit is not None:
+        images = images[:limit]
+    enc = read_captions(raw, "enc")
+    zhc = read_captions(raw, "zhc")
+    zhb = read_captions(raw, "zhb")
+    zhg = read_captions(raw, "zhg")
+    translation = read_captions(raw, "zhm") if split == "test" else zhb
+
+    rng = random.Random(seed)
+    pairs: dict[str, list[tuple[str, str]]] = {
+        "human": [], "mt_baidu": [], "mt_google": [], **{kind: [] for kind in NEGATIVE_KINDS}
+    }
+    for image in images:
+        for n in range(5):
+            en = enc.get((image, n))
+            if en is None:
+                continue
+            if split == "test" and (image, n) in translation:
+                pairs["human"].append((translation[(image, n)], en))
+            if (image, n) in zhb:
+                pairs["mt_baidu"].append((zhb[(image, n)], en))
+            if (image, n) in zhg:
+                pairs["mt_google"].append((zhg[(image, n)], en))
+            if (image, n) in zhc:
+                pairs["zhc_same_image"].append((zhc[(image, n)], en))
+            other = translation.get((image, (n + 1) % 5))
+            if other is not None:
+                pairs["other_caption_same_image"].append((other, en))
+            other_image = images[rng.randrange(len(images))]
+            while other_image == image and len(images) > 1:
+                other_image = images[rng.randrange(len(images))]
+            far = translation.get((other_image, n))
+            if far is not None:
+                pairs["other_image"].append((far, en))
+    return pairs
+
+
+def roc_auc(positives: np.ndarray, negatives: np.ndarray) -> float:
+    """ROC-AUC as the Mann-Whitney statistic, ties counted half."""
+    scores = np.concatenate([positives, negatives])
+    order = scores.argsort(kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    n_pos, n_neg = len(positives), len(negatives)
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def precision_recall_f1(positives: np.ndarray, negatives: np.ndarray, threshold: float) -> tuple[float, float, float]:
+    tp = float((positives >= threshold).sum())
+    fp = float((negatives >= threshold).sum())
+    fn = float(len(positives) - tp)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return precision, recall, f1
+
+
+def score_pairs(checker: TranslateChecker, pairs: list[tuple[str, str]]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    combined = np.empty(len(pairs))
+    subscores: dict[str, list[float]] = {}
+    for i, (zh, en) in enumerate(pairs):
+        result = checker.score(normalize_caption(zh), normalize_caption(en))
+        combined[i] = result.combined
+        for name in SUBSCORES:
+            subscores.setdefault(name, []).append(result.subscores.get(name, np.nan))
+    return combined, {name: np.array(values) for name, values in subscores.items()}
+
+
+def evaluate(pairs: dict[str, list[tuple[str, str]]], config: CaptionConfig,
+             positive_kind: str = "human") -> dict[str, dict]:
+    """Score every kind and return the report dict (see the module docstring)."""
+    checker = TranslateChecker(config)
+    scored = {kind: score_pairs(checker, kind_pairs) for kind, kind_pairs in pairs.items() if kind_pairs}
+    positives, positive_subscores = scored[positive_kind]
+    threshold = config.translate_threshold
+
+    report: dict[str, dict] = {"threshold": threshold, "positives": positive_kind, "kinds": {}}
+    for kind, (values, subscores) in scored.items():
+        entry: dict = {"n": len(values), "mean": float(values.mean()),
+                       "accept_rate": float((values >= threshold).mean())}
+        if kind in NEGATIVE_KINDS:
+            precision, recall, f1 = precision_recall_f1(positives, values, threshold)
+            entry.update(auc=roc_auc(positives, values), precision=precision, recall=recall, f1=f1)
+            entry["subscore_auc"] = {}
+            for name, sub in subscores.items():
+                pos = np.nan_to_num(positive_subscores[name], nan=0.5)
+                neg = np.nan_to_num(sub, nan=0.5)
+                entry["subscore_auc"][name] = roc_auc(pos, neg)
+        report["kinds"][kind] = entry
+    return report
+
+
+FIT_FEATURES = ("en_coverage", "zh_coverage", "coverage_min", "length")
+
+
+def fit_weights(pairs: dict[str, list[tuple[str, str]]], config: CaptionConfig,
+                positive_kinds: tuple[str, ...] = ("mt_baidu", "mt_google"),
+                steps: int = 4000, l2: float = 1e-3) -> tuple[dict[str, float], float]:
+    """Fit the logistic weights and bias of FIT_FEATURES by gradient descent, classes balanced."""
+    checker = TranslateChecker(config)
+
+    def features(kind_pairs):
+        rows = []
+        for zh, en in kind_pairs:
+            result = checker.score(normalize_caption(zh), normalize_caption(en))
+            rows.append([result.subscores.get(name, 0.0) for name in FIT_FEATURES])
+        return np.array(rows)
+
+    positives = np.vstack([features(pairs[kind]) for kind in positive_kinds])
+    negatives = np.vstack([features(pairs[kind]) for kind in NEGATIVE_KINDS])
+    x = np.vstack([positives, negatives])
+    y = np.r_[np.ones(len(positives)), np.zeros(len(negatives))]
+    sample_weight = np.where(y == 1, len(y) / (2 * len(positives)), len(y) / (2 * len(negatives)))
+
+    # Standardize for a well-conditioned descent, then map the weights back to raw sub-scores.
+    mean, std = x.mean(axis=0), x.std(axis=0) + 1e-9
+    z = (x - mean) / std
+    w = np.zeros(z.shape[1])
+    b = 0.0
+    for _ in range(steps):
+        p = 1.0 / (1.0 + np.exp(-(z @ w + b)))
+        gradient = (p - y) * sample_weight
+        w -= 0.5 * (z.T @ gradient / len(y) + l2 * w)
+        b -= 0.5 * gradient.mean()
+
+    raw_weights = w / std
+    raw_bias = b - float((w * mean / std).sum())
+    return {name: round(float(v), 3) for name, v in zip(FIT_FEATURES, raw_weights)}, round(raw_bias, 3)
+
+
+def format_report(report: dict) -> str:
+    lines = [
+        f"threshold {report['threshold']}, positives: {report['positives']}",
+        "| pairs | n | ROC-AUC | precision | recall | F1 | accepted | AUC " + " / ".join(SUBSCORES) + " |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for kind, entry in report["kinds"].items():
+        if "auc" in entry:
+            subs = " / ".join(f"{entry['subscore_auc'][name]:.3f}" for name in SUBSCORES)
+            lines.append(
+                f"| {kind} | {entry['n']} | {entry['auc']:.4f} | {entry['precision']:.4f} | {entry['recall']:.4f} "
+                f"| {entry['f1']:.4f} | {entry['accept_rate']:.4f} | {subs} |"
+            )
+        else:
+            lines.append(f"| {kind} (positive) | {entry['n']} | | | | | {entry['accept_rate']:.4f} | |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--raw", type=pathlib.Path, default=DEFAULT_RAW, help="folder with the real data sets")
+    parser.add_argument("--split", default="test", choices=("train", "val", "test"),
+                        help="Flickr8k split whose images build the pairs")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N images of the split")
+    parser.add_argument("--positives", default=None,
+                        help="positive kind for the metrics: human (default on test) or mt_baidu / mt_google")
+    parser.add_argument("--json", type=pathlib.Path, default=None, help="also write the report as JSON here")
+    parser.add_argument("--fit", action="store_true",
+                        help="fit the logistic weights on this split's machine-translation positives and print them")
+    args = parser.parse_args(argv)
+
+    config = CaptionConfig()
+    if args.fit:
+        weights, bias = fit_weights(build_pairs(args.raw, args.split, args.limit), config)
+        print(json.dumps({"weights": weights, "translate_bias": bias}))
+        return 0
+
+    started = time.perf_counter()
+    pairs = build_pairs(args.raw, args.split, args.limit)
+    positive_kind = args.positives or ("human" if args.split == "test" else "mt_baidu")
+    report = evaluate(pairs, config, positive_kind)
+    report["elapsed_s"] = round(time.perf_counter() - started, 2)
+    print(format_report(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Translate-check scorer: sub-scores on hand-checked pairs and the Flickr8k-CN harness on a subset."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import pathlib
+import zlib
+
+import pytest
+
+from bm6b.filters.caption_config import CaptionConfig
+from bm6b.filters.translate import (
+    TranslateChecker,
+    alternatives,
+    content_stems,
+    default_index,
+    length_score,
+    stem,
+    token_score,
+)
+from text_data import raw_path
+
+CONFIG = CaptionConfig()
+BENCHMARK = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "translate_check.py"
+
+
+@pytest.fixture(scope="module")
+def checker():
+    return TranslateChecker(CONFIG)
+
+
+def load_harness():
+    spec = importlib.util.spec_from_file_location("translate_check_harness", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stem_rules():
+    assert stem("dogs") == "dog"
+    assert stem("running") == "run"
+    assert stem("swimming") == "swim"
+    assert stem("puppies") == "puppy"
+    assert stem("boxes") == "box"
+    assert stem("glasses") == "glass"
+    assert stem("men") == "man"
+
+
+def test_alternatives_strip_suffixes():
+    assert "snow" in alternatives("snowy")
+    assert "ski" in alternatives("skier")
+    assert "play" in alternatives("playfully")
+    assert "small" in alternatives("little")
+
+
+def test_content_stems_drop_function_words():
+    assert content_stems("The dogs are in the snow in front of a fence .") == ["dog", "snow", "fence"]
+
+
+def test_cedict_glosses():
+    index = default_index()
+    assert "dog" in index.glosses["狗"]
+    assert "snow" in index.glosses["雪"]
+    assert index.glosses["漢字"] == index.glosses["汉字"]
+    assert len(index.glosses) > 100_000
+
+
+def test_length_score_bands():
+    assert length_score("一二三四五六七八九十", 5, CONFIG) == (1.0, pytest.approx(10 / 8))
+    score, ratio = length_score("一二", 10, CONFIG)
+    assert ratio == pytest.approx(2 / 16)
+    assert score == 0.0
+    # Ratio 0.3: log-linear between 0.5 (score 1) and 0.25 (score 0).
+    score, ratio = length_score("一二三四五六", 12.5, CONFIG)
+    assert ratio == pytest.approx(0.3)
+    assert score == pytest.approx(1 - (math.log(0.3) - math.log(0.5)) / (math.log(0.25) - math.log(0.5)))
+
+
+def test_token_score_cases():
+    assert token_score("iPhone 13 手机壳", "an iPhone 13 phone case") == 1.0
+    assert token_score("iPhone 13 手机壳", "a Samsung 12 phone case") == 0.0
+    assert token_score("两只狗", "2 dogs") == 1.0
+    assert token_score("3只狗", "three dogs") == 1.0
+    assert token_score("一只狗", "a dog") is None
+
+
+def test_translation_pair_scores(checker):
+    result = checker.score("狗在雪地上玩耍。", "The dogs play on the snow .")
+    assert result.subscores["en_coverage"] == 1.0
+    assert result.subscores["zh_coverage"] == 1.0
+    assert result.subscores["length"] == 1.0
+    assert result.combined > 0.95
+    assert checker.is_translation("狗在雪地上玩耍。", "The dogs play on the snow .")[0]
+
+
+def test_same_image_caption_scores(checker):
+    # An independently written caption of the same Flickr8k image: of two, brown, dog, playfully,
+    # fight and snow, "brown" and "snow" have no counterpart.
+    result = checker.score("两只狗在打闹。", "Two brown dogs playfully fight in the snow .")
+    assert result.subscores["en_coverage"] == pytest.approx(4 / 6)
+    assert result.combined < CONFIG.translate_threshold
+
+
+def test_brand_mismatch_rejected(checker):
+    accepted, result = checker.is_translation("iPhone 13 手机壳", "a Samsung 12 phone case")
+    assert result.subscores["tokens"] == 0.0
+    assert not accepted
+
+
+def test_hard_rules(checker):
+    assert checker.score("A dog runs", "a dog runs").rule == "identical"
+    assert checker.score("A dog runs on grass", "a dog on the grass").rule == "zh_not_chinese"
+    assert checker.score("一只狗在草地上跑", "一只狗在草地上跑 dog").rule == "en_is_chinese"
+    assert checker.score("一只狗在草地上跑", "一只狗在草地上跑 dog").combined == 0.0
+
+
+def test_detail_lists_subscores(checker):
+    detail = checker.score("狗在雪地上玩耍。", "The dogs play on the snow .").detail()
+    assert detail.startswith("combined=0.99 en_coverage=1.00 zh_coverage=1.00")
+
+
+def test_threshold_from_config():
+    strict = TranslateChecker(CONFIG.replace(translate_threshold=0.999))
+    assert not strict.is_translation("两只棕色的狗在雪中打闹。", "Two brown dogs wrestle in the snow .")[0]
+
+
+def make_bigram_encoder():
+    """A character-bigram hashing encoder: real text in, fixed 64-dim vectors out."""
+
+    def encode(texts):
+        vectors = []
+        for text in texts:
+            vector = [0.0] * 64
+            for a, b in zip(text, text[1:]):
+                vector[zlib.crc32((a + b).encode()) % 64] += 1.0
+            vectors.append(vector)
+        return vectors
+
+    return encode
+
+
+def test_embedding_subscore_from_config():
+    config = CONFIG.replace(embedding_model="test_translate:make_bigram_encoder",
+                            weights={**CONFIG.weights, "embedding": 1.0})
+    result = TranslateChecker(config).score("一只狗", "一只狗 dog")
+    assert result.rule == "en_is_chinese"
+    zh, en = "狗在雪地上玩耍。", "The dogs play on the snow ."
+    result = TranslateChecker(config).score(zh, en)
+    a, b = make_bigram_encoder()([zh, en])
+    expected = sum(x * y for x, y in zip(a, b)) / (math.hypot(*a) * math.hypot(*b))
+    assert result.subscores["embedding"] == pytest.approx(max(0.0, expected))
+    without = TranslateChecker(CONFIG).score(zh, en)
+    assert "embedding" not in without.subscores
+
+
+def test_invalid_embedding_model():
+    with pytest.raises(ValueError, match="module:callable"):
+        TranslateChecker(CONFIG.replace(embedding_model="no_colon_here"))
+
+
+def test_harness_subset_flickr8k():
+    raw = raw_path("flickr8k-cn").parent
+    harness = load_harness()
+    pairs = harness.build_pairs(raw, "test", limit=100)
+    assert len(pairs["human"]) == 500
+    report = harness.evaluate(pairs, CONFIG)
+    kinds = report["kinds"]
+    assert kinds["other_image"]["auc"] >= 0.98
+    assert kinds["zhc_same_image"]["auc"] >= 0.94
+    assert kinds["zhc_same_image"]["f1"] >= 0.88
+    assert kinds["other_caption_same_image"]["auc"] >= 0.88
+
+
+def test_roc_auc_ties():
+    import numpy as np
+
+    harness = load_harness()
+    assert harness.roc_auc(np.array([1.0, 1.0]), np.array([0.0, 0.0])) == 1.0
+    assert harness.roc_auc(np.array([0.5]), np.array([0.5])) == 0.5
+    assert harness.roc_auc(np.array([0.2, 0.8]), np.array([0.5])) == 0.5
