@@ -1,23 +1,27 @@
-"""Deduplication and decontamination: URL, sha256, near-duplicate pHash, captions, eval sets."""
+"""Deduplication and decontamination: URL, sha256, near-duplicate pHash, captions, eval sets.
 
-from bm6b.dedup.transforms import (
-    DedupCaptions,
-    DedupConfig,
-    DedupExactImages,
-    DedupNearImages,
-    DedupUrls,
-    Decontaminate,
-    apply_dedup_steps,
-    dedup_steps,
-)
+The PTransforms load on first use, so ``bm6b.dedup.cli`` and ``bm6b.dedup.config`` import
+without Apache Beam.
+"""
 
-__all__ = [
+from bm6b.dedup.config import DedupConfig
+
+_TRANSFORMS = (
     "DedupCaptions",
-    "DedupConfig",
     "DedupExactImages",
     "DedupNearImages",
     "DedupUrls",
     "Decontaminate",
     "apply_dedup_steps",
     "dedup_steps",
-]
+)
+
+__all__ = ["DedupConfig", *_TRANSFORMS]
+
+
+def __getattr__(name):
+    if name in _TRANSFORMS:
+        from bm6b.dedup import transforms
+
+        return getattr(transforms, name)
+    raise AttributeError(f"module 'bm6b.dedup' has no attribute {name!r}")

@@ -7,7 +7,6 @@ records by a key (URL, sha256, node id) instead of collecting anything on one wo
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any, Iterable
 
@@ -17,7 +16,8 @@ import numpy as np
 from bm6b.dedup import captions as caption_keys
 from bm6b.dedup import phash as ph
 from bm6b.dedup.components import DEFAULT_ROUNDS, ConnectedComponents
-from bm6b.dedup.evalsets import EvalIndex
+from bm6b.dedup.config import DEFAULT_RADIUS, DedupConfig
+from bm6b.dedup.evalsets import EvalIndex, load_eval_sets
 from bm6b.dedup.rank import keep_rank, node_extra, node_id, node_key
 from bm6b.pipelines.stages import StageOutput, _RejectingDoFn, _split
 from bm6b.schemas import Reason, normalize_url
@@ -29,23 +29,6 @@ STAGE_IMAGE = "dedup_image"
 STAGE_EVAL = "decontam"
 STAGE_NEAR_IMAGE = "dedup_near_image"
 STAGE_CAPTION = "dedup_caption"
-
-DEFAULT_RADIUS = 8
-
-
-@dataclasses.dataclass(frozen=True)
-class DedupConfig:
-    """Settings of the dedup steps that run after the exact sha256 dedup."""
-
-    near_images: bool = True
-    radius: int = DEFAULT_RADIUS  # pHash Hamming radius, bits (inclusive)
-    candidates: str = "pigeonhole"  # "pigeonhole" (exact) or "sampled" (bit-sampling LSH)
-    sampled_bits: int = 24
-    captions: bool = True
-    caption_threshold: float = 0.8  # Jaccard similarity of shingle sets
-    eval_sets: tuple[str, ...] = ()
-    components_rounds: int = DEFAULT_ROUNDS
-
 
 # ---------------------------------------------------------------- keep one per key
 
@@ -354,10 +337,10 @@ class Decontaminate(beam.PTransform):
 # ---------------------------------------------------------------- all steps
 
 
-def dedup_steps(config: DedupConfig, eval_index: EvalIndex | None = None) -> list[str]:
+def dedup_steps(config: DedupConfig) -> list[str]:
     """Return the stage names ``apply_dedup_steps`` runs for this configuration, in order."""
     names = []
-    if eval_index is not None and len(eval_index):
+    if config.eval_sets:
         names.append(STAGE_EVAL)
     if config.near_images:
         names.append(STAGE_NEAR_IMAGE)
@@ -369,11 +352,16 @@ def dedup_steps(config: DedupConfig, eval_index: EvalIndex | None = None) -> lis
 def apply_dedup_steps(records, config: DedupConfig, eval_index: EvalIndex | None = None, prefix: str = ""):
     """Apply decontamination (with eval sets), near-duplicate image and caption dedup to ``records``.
 
+    ``eval_index`` defaults to loading ``config.eval_sets`` here, when the pipeline is built.
     Returns the remaining records and the list of rejects PCollections, one per step run.
     """
     rejects = []
-    steps = dedup_steps(config, eval_index)
+    steps = dedup_steps(config)
     if STAGE_EVAL in steps:
+        if eval_index is None:
+            eval_index = load_eval_sets(list(config.eval_sets))
+        if not len(eval_index):
+            raise ValueError(f"evaluation sets {list(config.eval_sets)} contain no readable images or captions")
         out = records | f"{prefix}Decontaminate" >> Decontaminate(eval_index, config.radius)
         records = out.records
         rejects.append(out.rejects)
@@ -384,7 +372,9 @@ def apply_dedup_steps(records, config: DedupConfig, eval_index: EvalIndex | None
         records = out.records
         rejects.append(out.rejects)
     if STAGE_CAPTION in steps:
-        out = records | f"{prefix}DedupCaption" >> DedupCaptions(config.caption_threshold, config.components_rounds)
+        out = records | f"{prefix}DedupCaption" >> DedupCaptions(
+            config.caption_threshold, config.components_rounds, config.caption_near
+        )
         records = out.records
         rejects.append(out.rejects)
     return records, rejects

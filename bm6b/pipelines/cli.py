@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from bm6b.dedup.cli import add_dedup_arguments, dedup_config_from_args
 from bm6b.filters.download import FetchConfig
 from bm6b.filters.image import ImageConfig
 from bm6b.pipelines import ingest
@@ -48,6 +49,8 @@ def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
     clip.add_argument("--clip-device", default="cpu", help="torch device for scoring: cpu or cuda")
     clip.add_argument("--clip-batch-size", type=int, default=64)
 
+    add_dedup_arguments(parser)
+
     out = parser.add_argument_group("output")
     out.add_argument("--samples-per-shard", type=int, default=10_000)
     out.add_argument("--overwrite", action="store_true", help="replace curate output already in --output")
@@ -78,6 +81,7 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str):
         clip_checkpoint=args.clip_checkpoint,
         clip_device=args.clip_device,
         clip_batch_size=args.clip_batch_size,
+        dedup=dedup_config_from_args(args),
         samples_per_shard=args.samples_per_shard,
         overwrite=args.overwrite,
     )

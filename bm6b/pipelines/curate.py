@@ -1,6 +1,7 @@
 """The ``curate`` job: manifests in, WebDataset + Parquet shards, rejects and stats out.
 
-    ReadManifests -> Download -> NormalizeCaptions -> LanguageId -> DedupExactImages
+    ReadManifests -> DedupUrls -> Download -> NormalizeCaptions -> LanguageId -> DedupExactImages
+        -> Decontaminate (with eval sets) -> DedupNearImages -> DedupCaptions
         -> ClipScore (when a model is set) -> WriteShards
     every stage's rejects -> rejects/*.parquet
 
@@ -20,6 +21,8 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from bm6b.dedup import DedupConfig
+from bm6b.dedup.transforms import DedupExactImages, DedupUrls, apply_dedup_steps, dedup_steps
 from bm6b.filters.download import FetchConfig
 from bm6b.filters.image import ImageConfig
 from bm6b.pipelines import ingest, stages
@@ -46,6 +49,7 @@ class CurateConfig:
     clip_checkpoint: str | None = None
     clip_device: str = "cpu"
     clip_batch_size: int = 64
+    dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
     samples_per_shard: int = 10_000
     overwrite: bool = False
 
@@ -53,11 +57,15 @@ class CurateConfig:
 def build_pipeline(pipeline: beam.Pipeline, config: CurateConfig) -> None:
     """Add the curate stages to ``pipeline``; the caller runs it."""
     read = pipeline | "Ingest" >> stages.ReadManifests(config.inputs, config.columns)
-    downloaded = read.records | "Download" >> stages.Download(config.fetch, config.image, config.download_threads)
+    ingested, url_rejects = read.records, []
+    if config.dedup.urls:
+        by_url = ingested | "DedupUrl" >> DedupUrls()
+        ingested, url_rejects = by_url.records, [by_url.rejects]
+    downloaded = ingested | "Download" >> stages.Download(config.fetch, config.image, config.download_threads)
     normalized = downloaded.records | "Captions" >> stages.NormalizeCaptions()
     identified = normalized.records | "LanguageId" >> stages.LanguageId()
-    unique = identified.records | "DedupImage" >> stages.DedupExactImages()
-    records = unique.records
+    unique = identified.records | "DedupImage" >> DedupExactImages()
+    records, dedup_rejects = apply_dedup_steps(unique.records, config.dedup)
     if config.clip_model:
         records = records | "ClipScore" >> stages.ClipScore(
             config.clip_model, config.clip_checkpoint, config.clip_device, config.clip_batch_size
@@ -65,7 +73,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: CurateConfig) -> None:
 
     _ = records | "WriteShards" >> WriteShards(config.output, config.samples_per_shard)
 
-    rejects = [read.rejects, downloaded.rejects, normalized.rejects, identified.rejects, unique.rejects]
+    rejects = [read.rejects, *url_rejects, downloaded.rejects, normalized.rejects, identified.rejects,
+               unique.rejects, *dedup_rejects]
     _ = (
         rejects
         | "AllRejects" >> beam.Flatten()
@@ -179,4 +188,8 @@ def run_curate(config: CurateConfig, beam_args: list[str] | None = None) -> dict
 
 
 def _stages_run(config: CurateConfig) -> list[str]:
-    return [s for s in STAGE_ORDER if s != "clip" or config.clip_model]
+    skipped = set() if config.clip_model else {"clip"}
+    if not config.dedup.urls:
+        skipped.add("dedup_url")
+    skipped |= {"decontam", "dedup_near_image", "dedup_caption"} - set(dedup_steps(config.dedup))
+    return [s for s in STAGE_ORDER if s not in skipped]

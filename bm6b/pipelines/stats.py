@@ -14,7 +14,19 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 # Stages in pipeline order; a stage's input is the previous stage's output.
-STAGE_ORDER = ("ingest", "download", "captions", "lid", "dedup_image", "clip", "write")
+STAGE_ORDER = (
+    "ingest",
+    "dedup_url",
+    "download",
+    "captions",
+    "lid",
+    "dedup_image",
+    "decontam",
+    "dedup_near_image",
+    "dedup_caption",
+    "clip",
+    "write",
+)
 
 
 def _match(pattern: str) -> list[str]:

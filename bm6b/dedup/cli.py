@@ -1,0 +1,86 @@
+"""``bm6b dedup``, and the dedup options shared with ``bm6b curate``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from bm6b.dedup.config import DEFAULT_COMPONENT_ROUNDS, DEFAULT_RADIUS, DedupConfig
+
+logger = logging.getLogger(__name__)
+
+
+def add_dedup_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the "dedup" argument group (used by ``bm6b curate``, ``bm6b demo`` and ``bm6b dedup``)."""
+    group = parser.add_argument_group(
+        "dedup",
+        "Exact dedup by normalized URL (before download) and image sha256 always runs; the steps below run "
+        "after it, before CLIP scoring.",
+    )
+    group.add_argument("--no-url-dedup", dest="url_dedup", action="store_false",
+                       help="keep every row even when rows share a normalized URL")
+    group.add_argument("--near-dup-radius", type=int, default=DEFAULT_RADIUS, metavar="BITS",
+                       help=f"pHash Hamming radius, inclusive, for near-duplicate images and eval images "
+                       f"(default: {DEFAULT_RADIUS})")
+    group.add_argument("--no-near-dup-images", dest="near_dup_images", action="store_false",
+                       help="skip near-duplicate image dedup")
+    group.add_argument("--near-dup-candidates", choices=["pigeonhole", "sampled"], default="pigeonhole",
+                       help="candidate generation: pigeonhole bands (exact) or bit-sampling LSH tables "
+                       "(approximate, 99%% recall at the radius, for very large runs) (default: pigeonhole)")
+    group.add_argument("--no-caption-dedup", dest="caption_dedup", action="store_false",
+                       help="skip caption dedup (exact and near)")
+    group.add_argument("--no-caption-near-dup", dest="caption_near_dup", action="store_false",
+                       help="caption dedup by the normalized exact key only, without MinHash LSH")
+    group.add_argument("--caption-dup-threshold", type=float, default=DedupConfig.caption_threshold,
+                       metavar="JACCARD",
+                       help="Jaccard similarity of caption n-gram sets that counts as a near duplicate (default: 0.8)")
+    group.add_argument("--eval-set", action="append", default=[], metavar="[NAME=]PATH",
+                       help="evaluation set to decontaminate against: an image folder, or a .jsonl/.csv/.tsv "
+                       "manifest with image and caption columns (repeatable)")
+    group.add_argument("--components-rounds", type=int, default=DEFAULT_COMPONENT_ROUNDS,
+                       help="large-star/small-star round pairs of the connected components (default: 8)")
+
+
+def dedup_config_from_args(args: argparse.Namespace) -> DedupConfig:
+    return DedupConfig(
+        urls=args.url_dedup,
+        near_images=args.near_dup_images,
+        radius=args.near_dup_radius,
+        candidates=args.near_dup_candidates,
+        captions=args.caption_dedup,
+        caption_near=args.caption_near_dup,
+        caption_threshold=args.caption_dup_threshold,
+        eval_sets=tuple(args.eval_set),
+        components_rounds=args.components_rounds,
+    )
+
+
+def run_dedup_command(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from bm6b.dedup.run import run_dedup
+    from bm6b.pipelines.stats import format_funnel
+
+    try:
+        stats = run_dedup(args.input, args.output, dedup_config_from_args(args), beam_args,
+                          samples_per_shard=args.samples_per_shard, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        logger.error("%s", err)
+        return 2
+    print(format_funnel(stats))
+    print(f"shards, rejects and stats.json are in {args.output}")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "dedup",
+        help="deduplicate and decontaminate existing bm6b shards into a new folder",
+        description="Read the shards of a curate output folder, run URL, sha256, eval-set, near-duplicate image "
+        "and caption dedup on them, and write new shards with their rejects and stats. Options this command "
+        "does not know are passed to Apache Beam; the default runner is the in-process FnApiRunner.",
+    )
+    parser.add_argument("input", help="folder with NNNNN.parquet + NNNNN.tar shards (local path or gs://...)")
+    parser.add_argument("--output", "-o", required=True, help="output folder; must differ from the input")
+    parser.add_argument("--samples-per-shard", type=int, default=10_000)
+    parser.add_argument("--overwrite", action="store_true", help="replace shards already in --output")
+    add_dedup_arguments(parser)
+    parser.set_defaults(func=run_dedup_command, accepts_extra=True)

@@ -1,0 +1,26 @@
+"""Settings of the dedup steps, kept free of Beam imports so the command line loads fast."""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Chosen on the near-duplicate benchmark over 1,000 real photos: see BENCHMARKS.md,
+# "Deduplication". Distinct photos there were 12 or more bits apart.
+DEFAULT_RADIUS = 8
+DEFAULT_COMPONENT_ROUNDS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class DedupConfig:
+    """Settings of the dedup steps that run after the exact sha256 dedup."""
+
+    urls: bool = True  # one sample per normalized URL, before download
+    near_images: bool = True
+    radius: int = DEFAULT_RADIUS  # pHash Hamming radius in bits, inclusive
+    candidates: str = "pigeonhole"  # "pigeonhole" (exact) or "sampled" (bit-sampling LSH)
+    sampled_bits: int = 24  # bits per table of the "sampled" scheme
+    captions: bool = True
+    caption_near: bool = True  # MinHash LSH near duplicates, besides the exact key
+    caption_threshold: float = 0.8  # Jaccard similarity of the shingle sets
+    eval_sets: tuple[str, ...] = ()  # folders or manifests, optionally NAME=PATH
+    components_rounds: int = DEFAULT_COMPONENT_ROUNDS

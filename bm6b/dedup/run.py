@@ -1,0 +1,118 @@
+"""The ``dedup`` job: existing shards in, deduplicated shards, rejects and stats out."""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+import time
+from typing import Any
+
+import apache_beam as beam
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from bm6b.dedup.config import DedupConfig
+from bm6b.dedup.transforms import STAGE_IMAGE, STAGE_URL, DedupExactImages, DedupUrls, apply_dedup_steps, dedup_steps
+from bm6b.pipelines.stats import compute_stats, write_stats
+from bm6b.schemas import REJECT_SCHEMA
+
+logger = logging.getLogger(__name__)
+
+
+def list_shards(folder: str) -> list[str]:
+    """Return the Parquet paths of the shards in ``folder``; raise FileNotFoundError when there are none."""
+    pattern = FileSystems.join(folder, "[0-9]*.parquet")
+    paths = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+    if not paths:
+        raise FileNotFoundError(f"no shards (NNNNN.parquet + NNNNN.tar) found in {folder}")
+    return paths
+
+
+def read_shard(parquet_path: str) -> list[dict[str, Any]]:
+    """Return the records of one shard: its Parquet rows with the JPEG bytes from the matching tar."""
+    with FileSystems.open(parquet_path) as handle:
+        rows = pq.read_table(handle).to_pylist()
+    tar_path = parquet_path[: -len(".parquet")] + ".tar"
+    images: dict[str, bytes] = {}
+    with FileSystems.open(tar_path) as handle:
+        with tarfile.open(fileobj=io.BytesIO(handle.read()), mode="r:") as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(".jpg"):
+                    images[member.name[: -len(".jpg")]] = tar.extractfile(member).read()
+    records = []
+    for row in rows:
+        image = images.get(row["key"])
+        if image is None:
+            raise ValueError(f"shard {tar_path} has no image for key {row['key']} listed in {parquet_path}")
+        records.append({**row, "image": image, "captions": []})
+    return records
+
+
+def build_dedup_pipeline(pipeline: beam.Pipeline, shard_paths: list[str], output: str, config: DedupConfig,
+                         samples_per_shard: int) -> list[str]:
+    """Add reading, the dedup steps and writing to ``pipeline``; return the stage names in order."""
+    from bm6b.pipelines.curate import WriteShards
+
+    records = (
+        pipeline
+        | "ShardPaths" >> beam.Create(shard_paths)
+        | "ReadShards" >> beam.FlatMap(read_shard)
+        | "Spread" >> beam.Reshuffle()
+    )
+    stages = []
+    rejects = []
+    if config.urls:
+        out = records | "DedupUrl" >> DedupUrls()
+        records = out.records
+        rejects.append(out.rejects)
+        stages.append(STAGE_URL)
+    out = records | "DedupImage" >> DedupExactImages()
+    records = out.records
+    rejects.append(out.rejects)
+    stages.append(STAGE_IMAGE)
+
+    records, step_rejects = apply_dedup_steps(records, config)
+    rejects.extend(step_rejects)
+    stages.extend(dedup_steps(config))
+
+    _ = records | "WriteShards" >> WriteShards(output, samples_per_shard)
+    _ = (
+        rejects
+        | "AllRejects" >> beam.Flatten()
+        | "WriteRejects"
+        >> beam.io.WriteToParquet(
+            FileSystems.join(output, "rejects", "rejects"),
+            schema=REJECT_SCHEMA,
+            codec="zstd",
+            file_name_suffix=".parquet",
+        )
+    )
+    return stages + ["write"]
+
+
+def run_dedup(input_folder: str, output: str, config: DedupConfig | None = None, beam_args: list[str] | None = None,
+              samples_per_shard: int = 10_000, overwrite: bool = False) -> dict[str, Any]:
+    """Run the dedup job on the shards in ``input_folder``; return the stats also written to ``output``."""
+    from bm6b.pipelines.curate import pipeline_options, prepare_output
+
+    config = config or DedupConfig()
+    if FileSystems.join(input_folder, "") == FileSystems.join(output, ""):
+        raise ValueError(f"--output {output} is the input folder; choose a new folder for the deduplicated shards")
+    shard_paths = list_shards(input_folder)
+    prepare_output(output, overwrite)
+
+    started = time.monotonic()
+    pipeline = beam.Pipeline(options=pipeline_options(beam_args))
+    stages = build_dedup_pipeline(pipeline, shard_paths, output, config, samples_per_shard)
+    logger.info("dedup: %d shard(s) from %s -> %s", len(shard_paths), input_folder, output)
+    pipeline.run().wait_until_finish()
+    elapsed = time.monotonic() - started
+
+    stats = compute_stats(output, stages=stages)
+    stats["elapsed_s"] = round(elapsed, 3)
+    stats["dedup"] = {"radius": config.radius, "candidates": config.candidates, "captions": config.captions,
+                      "eval_sets": list(config.eval_sets)}
+    write_stats(output, stats)
+    return stats
+
