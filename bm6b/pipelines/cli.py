@@ -43,11 +43,39 @@ def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
     image.add_argument("--min-image-size", type=int, default=0, help="reject images whose shorter side is smaller")
     image.add_argument("--max-aspect-ratio", type=float, default=0.0, help="reject longer/shorter above this (0: off)")
 
-    clip = parser.add_argument_group("CLIP score")
-    clip.add_argument("--clip-model", help="open_clip model config, e.g. ViT-B-32, or bm6b-tiny; scoring is skipped when unset")
-    clip.add_argument("--clip-checkpoint", help="local open_clip checkpoint file for --clip-model (default: random init)")
-    clip.add_argument("--clip-device", default="cpu", help="torch device for scoring: cpu or cuda")
-    clip.add_argument("--clip-batch-size", type=int, default=64)
+    clip = parser.add_argument_group(
+        "CLIP score",
+        "Score each caption against its image with an open_clip model through Beam RunInference. Scoring is off "
+        "unless a model or checkpoint is given. Thresholds reject samples as low_clip_score: a sample passes when "
+        "every scored caption meets its language's threshold.",
+    )
+    clip.add_argument("--clip-model", help="open_clip model config for both languages, e.g. ViT-B-32 or bm6b-tiny")
+    clip.add_argument(
+        "--clip-checkpoint",
+        help="weights for --clip-model: a checkpoint file (open_clip or `bm6b train`), a folder with one, or an "
+        "open_clip pretrained tag (needs hub access or open_clip's cache); default: random init with a fixed seed",
+    )
+    for language, name in (("zh", "Chinese"), ("en", "English")):
+        clip.add_argument(f"--clip-model-{language}", help=f"a separate model config for {name} captions")
+        clip.add_argument(f"--clip-checkpoint-{language}", help=f"weights of the {name} caption model")
+    clip.add_argument("--clip-device", default="cpu", help="torch device for scoring: cpu, cuda or cuda:N")
+    clip.add_argument("--clip-precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                      help="dtype of the model weights; fp16 needs CUDA (default: fp32)")
+    clip.add_argument("--clip-batch-size", type=int, default=64, help="maximum images per model call (default: 64)")
+    clip.add_argument("--clip-min-batch-size", type=int, default=1,
+                      help="minimum images per model call; Beam grows batches between the two (default: 1)")
+    clip.add_argument("--clip-min-score", type=float, metavar="COSINE",
+                      help="reject captions scoring below this cosine similarity, in every scored language")
+    clip.add_argument("--clip-top-fraction", type=float, metavar="F",
+                      help="keep the top F (0 < F <= 1) of each language's scores over the run, e.g. 0.3; "
+                      "computed in a first pass with approximate quantiles (0.1%% resolution)")
+    for language in ("zh", "en"):
+        clip.add_argument(f"--clip-min-score-{language}", type=float, metavar="COSINE",
+                          help=f"minimum score for {language} captions, replacing --clip-min-score/--clip-top-fraction")
+        clip.add_argument(f"--clip-top-fraction-{language}", type=float, metavar="F",
+                          help=f"top fraction for {language} captions, replacing --clip-min-score/--clip-top-fraction")
+    clip.add_argument("--clip-keep-embeddings", action="store_true",
+                      help="store float16 image and text embeddings in the Parquet shards (one model only)")
 
     add_dedup_arguments(parser)
 
@@ -79,8 +107,21 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str):
         download_threads=args.download_threads,
         clip_model=args.clip_model,
         clip_checkpoint=args.clip_checkpoint,
+        clip_model_zh=args.clip_model_zh,
+        clip_checkpoint_zh=args.clip_checkpoint_zh,
+        clip_model_en=args.clip_model_en,
+        clip_checkpoint_en=args.clip_checkpoint_en,
         clip_device=args.clip_device,
+        clip_precision=args.clip_precision,
         clip_batch_size=args.clip_batch_size,
+        clip_min_batch_size=args.clip_min_batch_size,
+        clip_min_score=args.clip_min_score,
+        clip_min_score_zh=args.clip_min_score_zh,
+        clip_min_score_en=args.clip_min_score_en,
+        clip_top_fraction=args.clip_top_fraction,
+        clip_top_fraction_zh=args.clip_top_fraction_zh,
+        clip_top_fraction_en=args.clip_top_fraction_en,
+        clip_keep_embeddings=args.clip_keep_embeddings,
         dedup=dedup_config_from_args(args),
         samples_per_shard=args.samples_per_shard,
         overwrite=args.overwrite,

@@ -26,6 +26,7 @@ from bm6b.dedup.transforms import DedupExactImages, DedupUrls, apply_dedup_steps
 from bm6b.filters.download import FetchConfig
 from bm6b.filters.image import ImageConfig
 from bm6b.pipelines import ingest, stages
+from bm6b.pipelines.clip_inference import stage_config_from_curate
 from bm6b.pipelines.shards import shard_for_key, write_shard
 from bm6b.pipelines.stats import STAGE_ORDER, compute_stats, write_stats
 from bm6b.schemas import REJECT_SCHEMA
@@ -45,10 +46,23 @@ class CurateConfig:
     fetch: FetchConfig = dataclasses.field(default_factory=FetchConfig)
     image: ImageConfig = dataclasses.field(default_factory=ImageConfig)
     download_threads: int = 16
-    clip_model: str | None = None  # an open_clip config name; None skips scoring
-    clip_checkpoint: str | None = None
+    clip_model: str | None = None  # an open_clip config name; scoring is off unless a model or checkpoint is set
+    clip_checkpoint: str | None = None  # file, folder or open_clip pretrained tag; None: seeded random init
+    clip_model_zh: str | None = None  # a model for one language only, replacing clip_model there
+    clip_checkpoint_zh: str | None = None
+    clip_model_en: str | None = None
+    clip_checkpoint_en: str | None = None
     clip_device: str = "cpu"
-    clip_batch_size: int = 64
+    clip_precision: str = "fp32"  # fp32, or fp16 / bf16 on CUDA
+    clip_batch_size: int = 64  # maximum RunInference batch
+    clip_min_batch_size: int = 1
+    clip_min_score: float | None = None  # absolute cosine threshold for every scored language
+    clip_min_score_zh: float | None = None
+    clip_min_score_en: float | None = None
+    clip_top_fraction: float | None = None  # keep this top fraction of each language's scores in the run
+    clip_top_fraction_zh: float | None = None
+    clip_top_fraction_en: float | None = None
+    clip_keep_embeddings: bool = False  # float16 image and text embeddings in the Parquet output
     dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
     samples_per_shard: int = 10_000
     overwrite: bool = False
@@ -66,17 +80,18 @@ def build_pipeline(pipeline: beam.Pipeline, config: CurateConfig) -> None:
     identified = normalized.records | "LanguageId" >> stages.LanguageId()
     unique = identified.records | "DedupImage" >> DedupExactImages()
     records, dedup_rejects = apply_dedup_steps(unique.records, config.dedup)
-    if config.clip_model:
-        records = records | "ClipScore" >> stages.ClipScore(
-            config.clip_model, config.clip_checkpoint, config.clip_device, config.clip_batch_size
-        )
+    stage_rejects = [read.rejects, *url_rejects, downloaded.rejects, normalized.rejects, identified.rejects,
+                     unique.rejects, *dedup_rejects]
+    clip_config = stage_config_from_curate(config)
+    if clip_config is not None:
+        scored = records | "ClipScore" >> stages.ClipScore(clip_config)
+        records = scored.records
+        stage_rejects.append(scored.rejects)
 
     _ = records | "WriteShards" >> WriteShards(config.output, config.samples_per_shard)
 
-    rejects = [read.rejects, *url_rejects, downloaded.rejects, normalized.rejects, identified.rejects,
-               unique.rejects, *dedup_rejects]
     _ = (
-        rejects
+        stage_rejects
         | "AllRejects" >> beam.Flatten()
         | "WriteRejects"
         >> beam.io.WriteToParquet(
@@ -188,7 +203,9 @@ def run_curate(config: CurateConfig, beam_args: list[str] | None = None) -> dict
 
 
 def _stages_run(config: CurateConfig) -> list[str]:
-    skipped = set() if config.clip_model else {"clip"}
+    clip_on = any(getattr(config, f) for f in ("clip_model", "clip_checkpoint", "clip_model_zh",
+                                                "clip_checkpoint_zh", "clip_model_en", "clip_checkpoint_en"))
+    skipped = set() if clip_on else {"clip"}
     if not config.dedup.urls:
         skipped.add("dedup_url")
     skipped |= {"decontam", "dedup_near_image", "dedup_caption"} - set(dedup_steps(config.dedup))

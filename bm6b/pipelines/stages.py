@@ -240,32 +240,18 @@ class DedupExactImages(beam.PTransform):
 # ---------------------------------------------------------------- CLIP score
 
 
-class _ClipScore(beam.DoFn):
-    def __init__(self, model_name: str, checkpoint: str | None, device: str):
-        self.model_name = model_name
-        self.checkpoint = checkpoint
-        self.device = device
-
-    def setup(self):
-        from bm6b.filters.clip import ClipScorer
-
-        self.scorer = ClipScorer(self.model_name, self.checkpoint, self.device)
-        self.scored = _count("clip", "in")
-
-    def process(self, batch: list[dict[str, Any]]):
-        self.scorer.score_batch(batch)
-        self.scored.inc(len(batch))
-        yield from batch
-
-
 class ClipScore(beam.PTransform):
-    """Score each caption against its image with an open_clip model, in batches."""
+    """Score each caption against its image through ``RunInference``, then apply the CLIP thresholds.
 
-    def __init__(self, model_name: str, checkpoint: str | None = None, device: str = "cpu", batch_size: int = 64):
+    ``config`` is a ``bm6b.pipelines.clip_inference.ClipStageConfig``; the work lives in that
+    module. Returns ``StageOutput(records, rejects)``.
+    """
+
+    def __init__(self, config):
         super().__init__()
-        self.dofn = _ClipScore(model_name, checkpoint, device)
-        self.batch_size = batch_size
+        self.config = config
 
     def expand(self, records):
-        batches = records | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.batch_size)
-        return batches | "Score" >> beam.ParDo(self.dofn)
+        from bm6b.pipelines.clip_inference import ClipScoreAndFilter
+
+        return records | "ScoreAndFilter" >> ClipScoreAndFilter(self.config)

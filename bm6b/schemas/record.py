@@ -37,7 +37,11 @@ RECORD_SCHEMA = pa.schema(
         pa.field("phash", pa.uint64()),  # 64-bit DCT perceptual hash, first bit most significant
         pa.field("clip_score_zh", pa.float32()),
         pa.field("clip_score_en", pa.float32()),
-        pa.field("clip_model", pa.string()),
+        pa.field("clip_model", pa.string()),  # model id; "zh=ID;en=ID" when the languages used different models
+        # L2-normalized CLIP embeddings, only with --clip-keep-embeddings; null otherwise.
+        pa.field("clip_image_embedding", pa.list_(pa.float16())),
+        pa.field("clip_text_embedding_zh", pa.list_(pa.float16())),
+        pa.field("clip_text_embedding_en", pa.list_(pa.float16())),
         pa.field("source", pa.string()),  # manifest path as given on the command line
         pa.field("source_row", pa.int64()),  # 0-based data row within that manifest
         pa.field("shard", pa.string()),  # output shard name, e.g. "00000"
