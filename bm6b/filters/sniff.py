@@ -9,7 +9,7 @@ SNIFF_BYTES = 32  # enough for every signature below
 
 # Pillow plugin ids accepted for decoding; everything else is rejected as not_an_image. This also
 # keeps Pillow away from formats that run external programs (EPS through Ghostscript).
-DECODABLE_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF")
+DECODABLE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF")
 
 _AVIF_BRANDS = (b"avif", b"avis")
 
