@@ -25,7 +25,7 @@ from bm6b.dedup import DedupConfig
 from bm6b.dedup.transforms import DedupExactImages, DedupUrls, apply_dedup_steps, dedup_steps
 from bm6b.filters.download import FetchConfig
 from bm6b.filters.image import ImageConfig
-from bm6b.pipelines import ingest, stages
+from bm6b.pipelines import ingest, progress, stages
 from bm6b.pipelines.clip_inference import stage_config_from_curate
 from bm6b.pipelines.shards import shard_for_key, write_shard
 from bm6b.pipelines.stats import STAGE_ORDER, compute_stats, write_stats
@@ -179,12 +179,11 @@ def run_curate(config: CurateConfig, beam_args: list[str] | None = None) -> dict
 
     options = pipeline_options(beam_args)
     started = time.monotonic()
-    pipeline = beam.Pipeline(options=options)
+    pipeline = beam.Pipeline(runner=progress.runner_for(options), options=options)
     build_pipeline(pipeline, config)
     logger.info("curate: %d manifest(s) -> %s on %s", len(config.inputs), config.output,
                 options.view_as(StandardOptions).runner)
-    result = pipeline.run()
-    result.wait_until_finish()
+    progress.run_with_progress(pipeline)
     elapsed = time.monotonic() - started
 
     stats = compute_stats(config.output, stages=_stages_run(config))
