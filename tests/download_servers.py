@@ -90,6 +90,7 @@ class _Handler(socketserver.BaseRequestHandler):
 class _TCPServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 256  # the default backlog of 5 drops SYNs when a test opens dozens of connections
     owner: "HostileServer"
 
 

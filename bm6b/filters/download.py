@@ -599,10 +599,10 @@ class Fetcher:
             self.breaker.record_success(host)
         return hop, deadline
 
-    def _request(self, url, parts, host, port, address, deadline: _Deadline, *, body_cap=None, sniff=True) -> _Hop:
+    def _request(self, url, parts, host, port, address, deadline: _Deadline, *, body_cap=None, sniff=True, fresh=False) -> _Hop:
         scheme = parts.scheme.lower()
         key = (scheme, host, port, address)
-        conn = self.pool.get(key) if self.config.keep_alive else None
+        conn = self.pool.get(key) if self.config.keep_alive and not fresh else None
         reused = conn is not None
         if conn is None:
             conn_cls = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
@@ -619,7 +619,7 @@ class Fetcher:
             if reused and not deadline.fired:
                 # The server closed an idle keep-alive connection; that says nothing about the URL.
                 conn.close()
-                return self._request(url, parts, host, port, address, deadline, body_cap=body_cap, sniff=sniff)
+                return self._request(url, parts, host, port, address, deadline, body_cap=body_cap, sniff=sniff, fresh=True)
             return _Hop(self._error_result(url, err, deadline))
         except (OSError, http.client.HTTPException, ValueError) as err:
             return _Hop(self._error_result(url, err, deadline))

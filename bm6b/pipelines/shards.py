@@ -53,7 +53,7 @@ def build_tar(records: list[dict[str, Any]]) -> bytes:
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for record in records:
             key = record["key"]
-            _tar_member(tar, f"{key}.jpg", record["image"])
+            _tar_member(tar, f"{key}.{record.get('image_format') or 'jpg'}", record["image"])  # jpg or webp
             if record.get("caption_zh"):
                 _tar_member(tar, f"{key}.zh.txt", record["caption_zh"].encode("utf-8"))
             if record.get("caption_en"):

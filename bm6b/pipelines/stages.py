@@ -7,7 +7,6 @@ pass and the rejects it produced. The per-record work lives in ``bm6b.filters`` 
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
 from typing import Any, Iterable
@@ -15,10 +14,12 @@ from typing import Any, Iterable
 import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
 
 from bm6b.filters import captions
-from bm6b.filters.download import FetchConfig, Fetcher
-from bm6b.filters.image import ImageConfig, process_image
+from bm6b.filters.download import FetchConfig
+from bm6b.filters.download_record import RecordDownloader, StreamingDownloads
+from bm6b.filters.image import ImageConfig
 from bm6b.pipelines import ingest
 from bm6b.schemas import Reason, make_reject
 
@@ -99,6 +100,12 @@ class ReadManifests(beam.PTransform):
 
 
 class _Download(_RejectingDoFn):
+    """Downloads on a thread pool that stays busy across the whole bundle.
+
+    Records are submitted as they arrive and emitted as they finish; the rest are emitted in
+    ``finish_bundle``. A slow URL therefore holds one thread, not a batch of records.
+    """
+
     stage = "download"
 
     def __init__(self, fetch: FetchConfig, image: ImageConfig, threads: int):
@@ -108,55 +115,43 @@ class _Download(_RejectingDoFn):
 
     def setup(self):
         super().setup()
-        self.fetcher = Fetcher(self.fetch_config)
-        self.pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="bm6b-download")
+        self.downloads = StreamingDownloads(RecordDownloader(self.fetch_config, self.image_config), self.threads)
 
     def teardown(self):
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.downloads.close()
 
-    def _work(self, record: dict[str, Any]):
-        fetched = self.fetcher.fetch(record["url"])
-        if not fetched.ok:
-            return record, fetched.reason, fetched.detail
-        image = process_image(fetched.body, self.image_config)
-        record["sha256"] = image.sha256
-        if not image.ok:
-            return record, image.reason, image.detail
-        record.update(
-            image=image.jpeg,
-            width=image.width,
-            height=image.height,
-            orig_width=image.orig_width,
-            orig_height=image.orig_height,
-            phash=image.phash,
-        )
-        return record, None, ""
-
-    def process(self, batch: list[dict[str, Any]]):
-        self._in.inc(len(batch))
-        for record, reason, detail in self.pool.map(self._work, batch):
+    def _emit(self, outcomes, windowed: bool):
+        for record, reason, detail in outcomes:
             if reason is None:
                 self._out.inc()
-                yield record
+                output = record
             else:
-                yield self._reject(record, reason, detail)
+                output = self._reject(record, reason, detail)
+            if windowed:
+                if isinstance(output, pvalue.TaggedOutput):
+                    output = pvalue.TaggedOutput(output.tag, GlobalWindows.windowed_value(output.value))
+                else:
+                    output = GlobalWindows.windowed_value(output)
+            yield output
+
+    def process(self, record: dict[str, Any]):
+        self._in.inc()
+        yield from self._emit(self.downloads.submit(record), windowed=False)
+
+    def finish_bundle(self):
+        yield from self._emit(self.downloads.drain(), windowed=True)
 
 
 class Download(beam.PTransform):
-    """Fetch, decode, resize and hash each image, a batch at a time over a thread pool."""
+    """Fetch, decode, resize and hash each image over a per-worker thread pool."""
 
     def __init__(self, fetch: FetchConfig, image: ImageConfig, threads: int = 16, batch_size: int = 64):
         super().__init__()
         self.dofn = _Download(fetch, image, threads)
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # unused since downloads stream per record; kept for callers
 
     def expand(self, records):
-        # Fixed-size batches: BatchElements' adaptive sizing starts at one element, which would
-        # leave the thread pool idle; download time is network-bound, not per-batch overhead.
-        batches = records | "Batch" >> beam.BatchElements(
-            min_batch_size=self.batch_size, max_batch_size=self.batch_size
-        )
-        return _split(batches, "FetchAndDecode", self.dofn)
+        return _split(records, "FetchAndDecode", self.dofn)
 
 
 # ---------------------------------------------------------------- captions
