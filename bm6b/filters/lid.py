@@ -31,7 +31,9 @@ from bm6b.filters.text_normalize import HAN_CLASS, HANGUL_CLASS, KANA_CLASS
 _HAN_RE = re.compile(f"[{HAN_CLASS}]")
 _KANA_HANGUL_RE = re.compile(f"[{KANA_CLASS}{HANGUL_CLASS}]")
 _LATIN_WORD_RE = re.compile(r"[A-Za-z\u00c0-\u024f]+")
-_TOP_K = 5
+# Labels below this probability are not returned; none of the decisions here depends on them, and
+# predict(k=-1, threshold) is as fast as k=1 while k=5 costs about 15 % more (lid.176 lite).
+_MIN_LABEL_PROB = 0.01
 
 SIMPLIFIED = "simplified"
 TRADITIONAL = "traditional"
@@ -68,12 +70,12 @@ class LidResult:
 
 
 def predict_labels(text: str, model=None) -> dict[str, float]:
-    """Return the top lid.176 labels (without ``__label__``) and their probabilities."""
+    """Return the lid.176 labels (without ``__label__``) with probability >= 0.01, and the probabilities."""
     model = model or load_lid_model()
     text = text.replace("\n", " ")
     if text.isupper():
         text = text.lower()
-    labels, probs = model.predict(text, k=_TOP_K)
+    labels, probs = model.predict(text, k=-1, threshold=_MIN_LABEL_PROB)
     return {label[9:]: float(p) for label, p in zip(labels, probs)}
 
 

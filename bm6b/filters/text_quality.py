@@ -45,6 +45,8 @@ class QualityIssue:
 
 
 def count_han(text: str) -> int:
+    if text.isascii():
+        return 0
     return len(_HAN_RE.findall(text))
 
 
@@ -59,6 +61,8 @@ def en_words(text: str) -> list[str]:
 
 def is_han_text(text: str) -> bool:
     """True when Han characters are at least half of the letters (a zh-style length applies)."""
+    if text.isascii():
+        return False
     letters = _LETTER_RE.findall(text)
     return bool(letters) and 2 * count_han(text) >= len(letters)
 

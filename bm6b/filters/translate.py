@@ -73,6 +73,7 @@ _IRREGULAR = {
 }
 
 
+@functools.lru_cache(maxsize=65536)
 def stem(word: str) -> str:
     """Reduce an English word to a crude stem (plural, -ing, -ed) so glosses and captions meet."""
     irregular = _IRREGULAR.get(word)
@@ -301,6 +302,8 @@ def token_score(zh: str, en: str) -> float | None:
 
 
 def han_share(text: str) -> float:
+    if text.isascii():
+        return 0.0
     letters = len(_LETTER_RE.findall(text))
     return len(_HAN_RE.findall(text)) / letters if letters else 0.0
 
