@@ -33,6 +33,19 @@ def make_jpeg(width: int = 64, height: int = 48, color=(200, 30, 30), quality: i
     return buffer.getvalue()
 
 
+def make_noise_jpeg(seed: int, width: int = 96, height: int = 72) -> bytes:
+    """Return a JPEG of random noise: distinct seeds give images that no pHash or sha256 dedup merges."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(height // 8, width // 8, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).resize((width, height), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=92)
+    return buffer.getvalue()
+
+
 def _gzip_bomb(expanded_bytes: int) -> bytes:
     return gzip.compress(b"\0" * expanded_bytes, compresslevel=9)
 
@@ -107,6 +120,7 @@ class HostileServer:
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.delay_paths: dict[str, float] = {}  # path -> seconds to hold before answering
+        self.fail_first: dict[str, int] = {}  # /flaky/NAME answers 503 this many times, then the image
         self.robots_txt: bytes | None = None
         self.robots_status = 200
         self.server = _TCPServer(("127.0.0.1", 0), _Handler)
@@ -167,6 +181,14 @@ class HostileServer:
         if path.startswith("/no-type/") and name in self.images:
             sock.sendall(self._head("200 OK", {"Content-Length": str(len(self.images[name]))}) + self.images[name])
             return True
+        if path.startswith("/flaky/") and name in self.images:
+            with self.lock:
+                failing = self.fail_first.get(name, 0) > 0
+                if failing:
+                    self.fail_first[name] -= 1
+            if failing:
+                return self._send(sock, "503 Service Unavailable", b"busy", content_type="text/plain")
+            return self._send(sock, "200 OK", self.images[name])
         if path == "/robots.txt":
             if self.robots_txt is None:
                 return self._send(sock, "404 Not Found", b"", content_type="text/plain")

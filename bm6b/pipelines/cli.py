@@ -7,7 +7,7 @@ import logging
 
 from bm6b.dedup.cli import add_dedup_arguments, dedup_config_from_args
 from bm6b.filters.download import FetchConfig
-from bm6b.filters.image import ImageConfig
+from bm6b.filters.image import ENCODE_FORMATS, RESIZE_MODES, ImageConfig
 from bm6b.pipelines import ingest
 from bm6b.recipes import add_recipe_option
 
@@ -22,11 +22,40 @@ def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
     columns.add_argument("--caption-en-col", help="column holding the English caption")
     columns.add_argument("--caption-col", help="column holding a caption of either language; language ID assigns it")
 
-    fetch = parser.add_argument_group("download")
-    fetch.add_argument("--timeout", type=float, default=FetchConfig.timeout, help="connect and read timeout, seconds")
-    fetch.add_argument("--deadline", type=float, default=FetchConfig.deadline, help="total time per URL, seconds")
-    fetch.add_argument("--max-bytes", type=int, default=FetchConfig.max_bytes, help="maximum image size in bytes")
+    fetch = parser.add_argument_group(
+        "download",
+        "Fetching is guarded: URLs resolving to loopback, private, link-local (cloud metadata), multicast or "
+        "reserved addresses are rejected as blocked_address unless --allow-network covers them.",
+    )
+    fetch.add_argument("--timeout", type=float, default=FetchConfig.timeout,
+                       help="seconds a single socket read may wait for data (default: %(default)s)")
+    fetch.add_argument("--connect-timeout", type=float, default=FetchConfig.connect_timeout,
+                       help="seconds for the TCP connect and TLS handshake (default: %(default)s)")
+    fetch.add_argument("--deadline", type=float, default=FetchConfig.deadline,
+                       help="total seconds per URL, redirects, retries and backoff included (default: %(default)s)")
+    fetch.add_argument("--max-bytes", type=int, default=FetchConfig.max_bytes,
+                       help="maximum image size in bytes, checked on Content-Length and while reading (default: %(default)s)")
+    fetch.add_argument("--min-throughput", type=float, default=FetchConfig.min_throughput,
+                       help="bytes per second below which a transfer is cut off as too_slow after "
+                       f"{FetchConfig.throughput_grace:g}s; 0 disables (default: %(default)s)")
+    fetch.add_argument("--max-redirects", type=int, default=FetchConfig.max_redirects, help="(default: %(default)s)")
+    fetch.add_argument("--retries", type=int, default=FetchConfig.retries,
+                       help="extra attempts for DNS, connect, timeout, reset, 429 and 5xx failures, with exponential "
+                       "backoff and jitter; Retry-After is honoured (default: %(default)s)")
     fetch.add_argument("--user-agent", default=FetchConfig.user_agent, help="User-Agent header sent with each request")
+    fetch.add_argument("--ignore-opt-out", action="store_true",
+                       help="download even when X-Robots-Tag says noai, noimageai, noindex, noimageindex or none")
+    fetch.add_argument("--robots-txt", action="store_true",
+                       help="fetch robots.txt once per host and skip disallowed URLs as opted_out")
+    fetch.add_argument("--host-concurrency", type=int, default=FetchConfig.host_concurrency,
+                       help="simultaneous requests per host and worker; 0: no cap (default: %(default)s)")
+    fetch.add_argument("--host-rate", type=float, default=FetchConfig.host_rate,
+                       help="requests per second per host and worker (token bucket); 0: no limit (default: %(default)s)")
+    fetch.add_argument("--max-connections", type=int, default=FetchConfig.max_connections,
+                       help="simultaneous requests per worker over all hosts; 0: no cap (default: %(default)s)")
+    fetch.add_argument("--breaker-failures", type=int, default=FetchConfig.breaker_failures,
+                       help="consecutive failures after which a host is skipped as host_failing for "
+                       f"{FetchConfig.breaker_cooldown:g}s; 0 disables (default: %(default)s)")
     fetch.add_argument(
         "--allow-network",
         action="append",
@@ -35,11 +64,26 @@ def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
         help="exempt a network from the SSRF guard, e.g. 127.0.0.0/8 for a local test server (repeatable)",
     )
     fetch.add_argument("--download-threads", type=int, default=16, help="concurrent downloads per worker")
+    fetch.add_argument("--retry-failed", metavar="PREVIOUS_OUTPUT",
+                       help="re-run only the samples that PREVIOUS_OUTPUT rejected for a retryable reason (dns, connect, "
+                       "timeout, reset, too_slow, http_429, http_5xx, host_failing); pass the same column options")
 
     image = parser.add_argument_group("images")
     image.add_argument("--image-size", type=int, default=ImageConfig.image_size, help="target size in pixels")
-    image.add_argument("--resize-mode", default=ImageConfig.resize_mode, choices=["keep_ratio", "no"],
-                       help="keep_ratio: shorter side becomes --image-size (never upscaled); no: keep the size")
+    image.add_argument("--resize-mode", default=ImageConfig.resize_mode, choices=list(RESIZE_MODES),
+                       help="keep_ratio: shorter side becomes --image-size; keep_ratio_largest: longer side does; "
+                       "center_crop: shorter side, then the centre square; border: longer side, then padded to a "
+                       "square; no: keep the size (default: %(default)s)")
+    image.add_argument("--resize-upscale", action="store_true",
+                       help="let keep_ratio and keep_ratio_largest enlarge smaller images (they only shrink by default)")
+    image.add_argument("--encode-format", default=ImageConfig.encode_format, choices=list(ENCODE_FORMATS),
+                       help="stored image format (default: %(default)s)")
+    image.add_argument("--jpeg-quality", type=int, default=ImageConfig.jpeg_quality, help="(default: %(default)s)")
+    image.add_argument("--webp-quality", type=int, default=ImageConfig.webp_quality, help="(default: %(default)s)")
+    image.add_argument("--background", default="255,255,255", metavar="R,G,B",
+                       help="colour behind transparent pixels and border padding (default: %(default)s)")
+    image.add_argument("--max-pixels", type=int, default=ImageConfig.max_pixels,
+                       help="reject images with more pixels as decompression_bomb (default: %(default)s)")
     image.add_argument("--min-image-size", type=int, default=0, help="reject images whose shorter side is smaller")
     image.add_argument("--max-aspect-ratio", type=float, default=0.0, help="reject longer/shorter above this (0: off)")
 
@@ -84,6 +128,17 @@ def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--overwrite", action="store_true", help="replace curate output already in --output")
 
 
+def parse_rgb(text: str) -> tuple[int, int, int]:
+    """Parse "R,G,B" with each value 0-255; raise ValueError naming the option otherwise."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(0 <= v <= 255 for v in values):
+        raise ValueError(f"--background {text!r} is invalid; expected R,G,B with each value 0-255, e.g. 255,255,255")
+    return values
+
+
 def config_from_args(args: argparse.Namespace, inputs: list[str], output: str):
     from bm6b.pipelines.curate import CurateConfig
 
@@ -93,18 +148,35 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str):
         columns=ingest.ColumnMap(args.url_col, args.caption_zh_col, args.caption_en_col, args.caption_col),
         fetch=FetchConfig(
             timeout=args.timeout,
+            connect_timeout=args.connect_timeout,
             deadline=args.deadline,
             max_bytes=args.max_bytes,
+            min_throughput=args.min_throughput,
+            max_redirects=args.max_redirects,
+            retries=args.retries,
             user_agent=args.user_agent,
             allow_networks=tuple(args.allow_network),
+            respect_opt_out=not args.ignore_opt_out,
+            check_robots_txt=args.robots_txt,
+            host_concurrency=args.host_concurrency,
+            host_rate=args.host_rate,
+            max_connections=args.max_connections,
+            breaker_failures=args.breaker_failures,
         ),
         image=ImageConfig(
             image_size=args.image_size,
             resize_mode=args.resize_mode,
+            resize_only_if_bigger=not args.resize_upscale,
+            encode_format=args.encode_format,
+            jpeg_quality=args.jpeg_quality,
+            webp_quality=args.webp_quality,
+            background=parse_rgb(args.background),
+            max_pixels=args.max_pixels,
             min_size=args.min_image_size,
             max_aspect_ratio=args.max_aspect_ratio,
         ),
         download_threads=args.download_threads,
+        retry_failed=args.retry_failed,
         clip_model=args.clip_model,
         clip_checkpoint=args.clip_checkpoint,
         clip_model_zh=args.clip_model_zh,
@@ -156,7 +228,9 @@ def register(subparsers) -> None:
         "--project P --region R --temp_location gs://...) are passed to Apache Beam; the default runner is "
         "the in-process FnApiRunner.",
     )
-    curate.add_argument("inputs", nargs="+", metavar="INPUT", help="manifest files or globs (.parquet, .csv, .tsv, .jsonl, optionally .gz)")
+    curate.add_argument("inputs", nargs="*", metavar="INPUT",
+                        help="manifest files or globs (.parquet, .csv, .tsv, .jsonl, optionally .gz), or img2dataset "
+                        "output folders (webdataset or parquet format); none is needed with --retry-failed")
     curate.add_argument("--output", "-o", required=True, help="output folder (local path or gs://...)")
     add_curate_arguments(curate)
     add_recipe_option(curate)

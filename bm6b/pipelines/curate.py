@@ -27,6 +27,8 @@ from bm6b.filters.download import FetchConfig
 from bm6b.filters.image import ImageConfig
 from bm6b.pipelines import ingest, progress, stages
 from bm6b.pipelines.clip_inference import stage_config_from_curate
+from bm6b.pipelines.img2dataset_input import split_inputs as split_img2dataset_inputs
+from bm6b.pipelines.retry_failed import check_retry_output
 from bm6b.pipelines.shards import shard_for_key, write_shard
 from bm6b.pipelines.stats import STAGE_ORDER, compute_stats, write_stats
 from bm6b.schemas import REJECT_SCHEMA
@@ -66,11 +68,14 @@ class CurateConfig:
     dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
     samples_per_shard: int = 10_000
     overwrite: bool = False
+    img2dataset_inputs: list[str] = dataclasses.field(default_factory=list)  # shard files of img2dataset output folders
+    retry_failed: str | None = None  # a previous run's output folder: re-run its retryable rejects
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: CurateConfig) -> None:
     """Add the curate stages to ``pipeline``; the caller runs it."""
     read = pipeline | "Ingest" >> stages.ReadManifests(config.inputs, config.columns)
+    read = stages.with_other_inputs(pipeline, read, config.img2dataset_inputs, config.retry_failed, config.columns)
     ingested, url_rejects = read.records, []
     if config.dedup.urls:
         by_url = ingested | "DedupUrl" >> DedupUrls()
@@ -172,7 +177,13 @@ def pipeline_options(beam_args: list[str] | None) -> PipelineOptions:
 
 def run_curate(config: CurateConfig, beam_args: list[str] | None = None) -> dict[str, Any]:
     """Run the curate job to completion and return the stats also written to ``stats.json``."""
-    config.inputs = expand_inputs(config.inputs)
+    manifests, img2dataset_shards = split_img2dataset_inputs(config.inputs)
+    config.img2dataset_inputs = [*config.img2dataset_inputs, *img2dataset_shards]
+    if config.retry_failed:
+        check_retry_output(config.retry_failed, config.output)
+    if not (manifests or config.img2dataset_inputs or config.retry_failed):
+        raise ValueError("no input: give manifest files, img2dataset output folders or --retry-failed PREVIOUS_OUTPUT")
+    config.inputs = expand_inputs(manifests)
     for path in config.inputs:
         ingest.check_manifest(path, config.columns)
     prepare_output(config.output, config.overwrite)

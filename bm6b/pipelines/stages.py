@@ -21,6 +21,8 @@ from bm6b.filters.download import FetchConfig
 from bm6b.filters.download_record import RecordDownloader, StreamingDownloads
 from bm6b.filters.image import ImageConfig
 from bm6b.pipelines import ingest
+from bm6b.pipelines.img2dataset_input import ReadImg2Dataset
+from bm6b.pipelines.retry_failed import ReadRetryable
 from bm6b.schemas import Reason, make_reject
 
 logger = logging.getLogger(__name__)
@@ -152,6 +154,23 @@ class Download(beam.PTransform):
 
     def expand(self, records):
         return _split(records, "FetchAndDecode", self.dofn)
+
+
+def with_other_inputs(pipeline, read: StageOutput, img2dataset_shards: list[str], retry_from: str | None,
+                      columns: ingest.ColumnMap) -> StageOutput:
+    """Add records from img2dataset shards and from a previous run's retryable rejects to ``read``."""
+    records, rejects = [read.records], [read.rejects]
+    if img2dataset_shards:
+        shard_records, shard_rejects = pipeline | "ReadImg2Dataset" >> ReadImg2Dataset(img2dataset_shards)
+        records.append(shard_records)
+        rejects.append(shard_rejects)
+    if retry_from:
+        retry_records, retry_rejects = pipeline | "RetryFailed" >> ReadRetryable(retry_from, columns)
+        records.append(retry_records)
+        rejects.append(retry_rejects)
+    if len(records) == 1:
+        return read
+    return StageOutput(records | "AllInputRecords" >> beam.Flatten(), rejects | "AllInputRejects" >> beam.Flatten())
 
 
 # ---------------------------------------------------------------- captions

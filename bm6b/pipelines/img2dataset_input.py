@@ -1,0 +1,185 @@
+"""Read img2dataset output folders (webdataset or parquet format) as curate input.
+
+Users who already downloaded with img2dataset start at bm6b's decode step: each successful sample
+becomes a record whose ``image`` holds the stored image bytes (decoded, checked, resized and hashed
+again by the download stage, without fetching), and each failed download becomes a download
+reject with the closest reason code, so ``--retry-failed`` can fetch it again later.
+
+img2dataset (1.47) writes, per shard NNNNN: for ``output_format=webdataset`` a ``NNNNN.tar`` with
+``KEY.jpg`` (or .png/.webp), ``KEY.txt`` and ``KEY.json`` for the successes plus ``NNNNN.parquet``
+with the metadata of every row; for ``output_format=parquet`` one ``NNNNN.parquet`` whose rows
+carry the image bytes in a ``jpg``/``png``/``webp`` column and the caption in ``txt``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tarfile
+from typing import Any, Iterator
+
+import apache_beam as beam
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from bm6b.filters.download_record import PREFETCHED
+from bm6b.schemas import Reason, make_key, make_reject, make_uid, new_record
+
+logger = logging.getLogger(__name__)
+
+STAGE = "download"
+IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp")
+_SHARD = re.compile(r"^\d+\.(tar|parquet)$")
+
+
+def _match(pattern: str) -> list[str]:
+    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+
+
+def is_img2dataset_folder(path: str) -> bool:
+    """Return True for a folder holding img2dataset shards (``NNNNN_stats.json`` next to them)."""
+    if path.endswith((".parquet", ".csv", ".tsv", ".jsonl", ".json", ".gz", ".tar")):
+        return False
+    base = path.rstrip("/")
+    return bool(_match(f"{base}/*_stats.json")) and bool(_match(f"{base}/*.tar") or _match(f"{base}/*.parquet"))
+
+
+def split_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
+    """Split command-line inputs into (manifest patterns, img2dataset shard files)."""
+    manifests, shards = [], []
+    for path in inputs:
+        if not is_img2dataset_folder(path):
+            manifests.append(path)
+            continue
+        base = path.rstrip("/")
+        tars = [p for p in _match(f"{base}/*.tar") if _SHARD.match(p.rsplit("/", 1)[-1])]
+        # A webdataset-format shard is its tar; its parquet holds metadata only and is read with it.
+        shards.extend(tars or [p for p in _match(f"{base}/*.parquet") if _SHARD.match(p.rsplit("/", 1)[-1])])
+    return manifests, shards
+
+
+def reason_from_error(message: str | None) -> str:
+    """Map an img2dataset ``error_message`` to the closest bm6b reason code."""
+    text = (message or "").lower()
+    match = re.search(r"http error (\d{3})", text)
+    if match:
+        status = int(match.group(1))
+        if status == 404:
+            return Reason.HTTP_404.value
+        if status == 429:
+            return Reason.HTTP_429.value
+        if status >= 500:
+            return Reason.HTTP_5XX.value
+        return Reason.HTTP_ERROR.value
+    if "timed out" in text or "timeout" in text:
+        return Reason.TIMEOUT.value
+    if "name or service not known" in text or "nodename nor servname" in text or "temporary failure in name resolution" in text:
+        return Reason.DNS.value
+    if "connection reset" in text or "remote end closed" in text:
+        return Reason.RESET.value
+    if "connection refused" in text or "urlopen error" in text:
+        return Reason.CONNECT.value
+    if "opt" in text and "out" in text:
+        return Reason.OPTED_OUT.value
+    return Reason.DECODE_ERROR.value if "image" in text else Reason.HTTP_ERROR.value
+
+
+def _record(shard: str, index: int, url: str | None, caption: str | None, image: bytes | None) -> dict[str, Any]:
+    record = new_record(
+        key=make_key(shard, index),
+        uid=make_uid(url or "", [caption]),
+        url=url,
+        source=shard,
+        source_row=index,
+        captions=[caption] if caption and caption.strip() else [],
+    )
+    record["input"] = json.dumps({"url": url, "caption": caption}, ensure_ascii=False)
+    if image is not None:
+        record["image"] = image
+        record[PREFETCHED] = True
+    return record
+
+
+def _failure(shard: str, index: int, row: dict[str, Any]) -> dict[str, Any]:
+    record = _record(shard, index, row.get("url"), row.get("caption") or row.get("txt"), None)
+    message = row.get("error_message") or row.get("status") or "failed in img2dataset"
+    return make_reject(record, stage=STAGE, reason=reason_from_error(message), detail=f"img2dataset: {message}")
+
+
+def iter_webdataset_shard(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ("record", record) per stored sample and ("reject", row) per failed row of the shard."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with FileSystems.open(path) as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            name = member.name.rsplit("/", 1)[-1]
+            key, _, extension = name.partition(".")
+            data = tar.extractfile(member).read()
+            samples.setdefault(key, {})[extension.lower()] = data
+
+    index = 0
+    for key in sorted(samples):
+        parts = samples[key]
+        image = next((parts[c] for c in IMAGE_COLUMNS if c in parts), None)
+        meta = json.loads(parts["json"]) if "json" in parts else {}
+        caption = parts["txt"].decode("utf-8", errors="replace") if "txt" in parts else meta.get("caption")
+        if image is None:
+            continue
+        yield "record", _record(path, index, meta.get("url"), caption, image)
+        index += 1
+
+    metadata = path[: -len(".tar")] + ".parquet"
+    if FileSystems.exists(metadata):
+        with FileSystems.open(metadata) as handle:
+            rows = pq.read_table(handle).to_pylist()
+        for row in rows:
+            if row.get("status") != "success":
+                yield "reject", _failure(path, index, row)
+                index += 1
+
+
+def iter_parquet_shard(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    with FileSystems.open(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        column = next((c for c in IMAGE_COLUMNS if c in parquet.schema_arrow.names), None)
+        index = 0
+        for batch in parquet.iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                image = row.get(column) if column else None
+                if row.get("status", "success") == "success" and image:
+                    caption = row.get("txt") if row.get("txt") is not None else row.get("caption")
+                    yield "record", _record(path, index, row.get("url"), caption, image)
+                else:
+                    yield "reject", _failure(path, index, row)
+                index += 1
+
+
+def iter_shard(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    return iter_webdataset_shard(path) if path.endswith(".tar") else iter_parquet_shard(path)
+
+
+class _ReadShard(beam.DoFn):
+    def process(self, path: str):
+        for kind, value in iter_shard(path):
+            if kind == "record":
+                yield value
+            else:
+                yield beam.pvalue.TaggedOutput("rejects", value)
+
+
+class ReadImg2Dataset(beam.PTransform):
+    """Read img2dataset shards into records with prefetched images, and rejects for failed rows."""
+
+    def __init__(self, shards: list[str]):
+        super().__init__()
+        self.shards = shards
+
+    def expand(self, pbegin):
+        results = (
+            pbegin
+            | "Shards" >> beam.Create(self.shards)
+            | "ReadShard" >> beam.ParDo(_ReadShard()).with_outputs("rejects", main="records")
+        )
+        return results.records | "Spread" >> beam.Reshuffle(), results.rejects
