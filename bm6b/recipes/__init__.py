@@ -6,6 +6,8 @@ A recipe file has this shape::
     description: what the recipe selects, in a sentence or two
     sources:                     # where each number comes from
       - "..."
+    not_applied:                 # rules of the original that curate cannot express yet
+      - "..."
     options:                     # curate option destinations: --min-image-size -> min_image_size
       min_image_size: 200
       max_aspect_ratio: 3.0
@@ -29,7 +31,7 @@ import yaml
 
 logger = logging.getLogger(__name__)
 
-RECIPE_KEYS = frozenset({"name", "description", "sources", "options"})
+RECIPE_KEYS = frozenset({"name", "description", "sources", "not_applied", "options"})
 
 # Destinations a recipe may not set: the job's inputs and output are per run, not per recipe.
 NOT_RECIPE_OPTIONS = frozenset({"help", "inputs", "output", "recipe", "func", "accepts_extra"})
@@ -46,6 +48,7 @@ class Recipe:
     description: str
     sources: tuple[str, ...]
     options: dict[str, Any]
+    not_applied: tuple[str, ...] = ()
 
 
 def bundled_names() -> list[str]:
@@ -86,16 +89,22 @@ def load_recipe(name_or_path: str) -> Recipe:
     options = content.get("options") or {}
     if not isinstance(options, dict):
         raise RecipeError(f"recipe {path}: 'options' must be a mapping of option name to value")
-    sources = content.get("sources") or []
-    if isinstance(sources, str):
-        sources = [sources]
     return Recipe(
         name=str(content.get("name") or os.path.splitext(os.path.basename(path))[0]),
         path=path,
         description=str(content.get("description") or ""),
-        sources=tuple(str(s) for s in sources),
+        sources=_strings(content.get("sources")),
         options=dict(options),
+        not_applied=_strings(content.get("not_applied")),
     )
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(str(item) for item in value)
 
 
 def _option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -208,6 +217,8 @@ def add_recipe_option(parser: argparse.ArgumentParser) -> None:
             parser.set_defaults(**previous)
         logger.info("recipe %s (%s) sets %s", recipe.name, recipe.path,
                     ", ".join(f"{k}={v!r}" for k, v in defaults.items()) or "no options")
+        for rule in recipe.not_applied:
+            logger.warning("recipe %s: not applied: %s", recipe.name, rule)
         return parsed, extra
 
     parser.parse_known_args = parse_with_recipe
