@@ -54,6 +54,8 @@ class _Handler(socketserver.BaseRequestHandler):
     server: "_TCPServer"
 
     def setup(self):
+        with self.server.owner.lock:
+            self.server.owner.connections += 1
         self.request.settimeout(30)
         self.reader = self.request.makefile("rb")
 
@@ -115,6 +117,7 @@ class HostileServer:
         self.drip_interval = drip_interval
         self.requests: collections.Counter = collections.Counter()
         self.user_agents: list[str] = []
+        self.connections = 0
         self.active = 0
         self.max_active = 0
         self.lock = threading.Lock()

@@ -1,0 +1,235 @@
+"""Per-host politeness, retries, opt-out and robots.txt of the fetcher, against loopback servers."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import random
+
+import pytest
+
+from bm6b.filters.download import Fetcher, FetchConfig, parse_retry_after
+from bm6b.filters.politeness import CircuitBreaker, HostBusy, HostLimiter, TokenBucket
+from bm6b.filters.robots import user_agent_token, x_robots_opt_out
+from tests.download_servers import HostileServer, make_jpeg
+
+LOCAL = dict(allow_networks=("127.0.0.0/8",), backoff_base=0.01, deadline=10.0)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def server():
+    with HostileServer({f"{i}.jpg": make_jpeg(color=(i, 0, 0)) for i in range(12)}) as hostile:
+        yield hostile
+
+
+def test_token_bucket_spaces_requests():
+    clock = FakeClock()
+    bucket = TokenBucket(rate=2.0, burst=1, clock=clock)
+
+    waits = [bucket.reserve() for _ in range(4)]
+
+    assert waits == [0.0, 0.5, 1.0, 1.5]
+
+
+def test_token_bucket_refills_over_time():
+    clock = FakeClock()
+    bucket = TokenBucket(rate=1.0, burst=3, clock=clock)
+
+    assert [bucket.reserve() for _ in range(3)] == [0.0, 0.0, 0.0]
+    clock.now += 2.0
+    assert [bucket.reserve() for _ in range(3)] == [0.0, 0.0, 1.0]
+
+
+def test_host_limiter_rate_sleeps_on_fake_clock():
+    clock = FakeClock()
+    limiter = HostLimiter(host_rate=4.0, host_burst=1, clock=clock, sleep=clock.sleep)
+
+    started = clock.now
+    for _ in range(5):
+        with limiter.slot("a.example", wait=60):
+            pass
+    with limiter.slot("b.example", wait=60) as waited:
+        pass
+
+    assert clock.now - started == pytest.approx(1.0)  # 5 requests at 4/s: 4 waits of 0.25 s
+    assert waited == 0.0  # another host has its own bucket
+
+
+def test_host_limiter_rejects_long_rate_wait():
+    clock = FakeClock()
+    limiter = HostLimiter(host_rate=0.1, host_burst=1, clock=clock, sleep=clock.sleep)
+    with limiter.slot("a.example", wait=5):
+        pass
+
+    with pytest.raises(HostBusy, match="rate limit"):
+        with limiter.slot("a.example", wait=5):
+            pass
+
+
+def test_host_concurrency_cap_holds(server):
+    for i in range(12):
+        server.delay_paths[f"/img/{i}.jpg"] = 0.15
+    fetcher = Fetcher(FetchConfig(host_concurrency=2, **LOCAL))
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(fetcher.fetch, [server.url(f"/img/{i}.jpg") for i in range(12)]))
+
+    assert all(r.ok for r in results)
+    assert server.max_active == 2
+
+
+def test_global_connection_cap_holds(server):
+    for i in range(12):
+        server.delay_paths[f"/img/{i}.jpg"] = 0.15
+    fetcher = Fetcher(FetchConfig(host_concurrency=0, max_connections=3, **LOCAL))
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(fetcher.fetch, [server.url(f"/img/{i}.jpg") for i in range(12)]))
+
+    assert all(r.ok for r in results)
+    assert server.max_active == 3
+
+
+def test_circuit_breaker_stops_requests(server):
+    fetcher = Fetcher(FetchConfig(retries=0, breaker_failures=3, breaker_cooldown=600, **LOCAL))
+
+    failures = [fetcher.fetch(server.url("/500")).reason for _ in range(3)]
+    blocked = fetcher.fetch(server.url("/img/1.jpg"))
+
+    assert failures == ["http_5xx"] * 3
+    assert blocked.reason == "host_failing"
+    assert server.requests["/500"] == 3
+    assert server.requests["/img/1.jpg"] == 0
+
+
+def test_circuit_breaker_resets_on_success():
+    clock = FakeClock()
+    breaker = CircuitBreaker(threshold=2, cooldown=10, clock=clock)
+
+    breaker.record_failure("h")
+    breaker.record_success("h")
+    breaker.record_failure("h")
+    assert breaker.open_for("h") == 0.0
+    breaker.record_failure("h")
+    assert breaker.open_for("h") == 10.0
+    clock.now += 10.5
+    assert breaker.open_for("h") == 0.0
+
+
+def test_backoff_waits_grow_with_jitter(server):
+    waits: list[float] = []
+    fetcher = Fetcher(FetchConfig(retries=3, allow_networks=("127.0.0.0/8",), backoff_base=0.5, backoff_max=8.0,
+                                  breaker_failures=0), sleep=waits.append, rng=random.Random(7))
+
+    result = fetcher.fetch(server.url("/500"))
+
+    assert result.reason == "http_5xx"
+    assert result.attempts == 4
+    assert len(waits) == 3
+    for attempt, wait in enumerate(waits):
+        assert 0 <= wait <= 0.5 * 2**attempt
+
+
+def test_retry_after_honoured(server):
+    waits: list[float] = []
+    fetcher = Fetcher(FetchConfig(retries=2, **LOCAL), sleep=waits.append)
+
+    result = fetcher.fetch(server.url("/429-then-ok"))
+
+    assert result.ok
+    assert waits == [1.0]
+
+
+def test_retry_after_parsing():
+    assert parse_retry_after("120") == 120.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == pytest.approx(10.0)
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
+
+
+def test_user_agent_sent(server):
+    Fetcher(FetchConfig(user_agent="bm6b-test/1.0 (+https://example.org/bot)", **LOCAL)).fetch(server.url("/img/1.jpg"))
+
+    assert server.user_agents == ["bm6b-test/1.0 (+https://example.org/bot)"]
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        (["noai"], "noai"),
+        (["noindex, nofollow"], "noindex"),
+        (["NoImageAI"], "noimageai"),
+        (["none"], "none"),
+        (["bm6b: noimageindex"], "noimageindex"),
+        (["otherbot: noai", "nofollow"], None),
+        (["*: noai"], "noai"),
+        (["unavailable_after: 25 Jun 2030 15:00:00 PST"], None),
+        (["max-image-preview: large, noai"], "noai"),
+        ([], None),
+    ],
+)
+def test_x_robots_tag_parsing(values, expected):
+    assert x_robots_opt_out(values, "bm6b") == expected
+
+
+def test_opt_out_respected_and_configurable(server):
+    respected = Fetcher(FetchConfig(**LOCAL)).fetch(server.url("/noai/1.jpg"))
+    ignored = Fetcher(FetchConfig(respect_opt_out=False, **LOCAL)).fetch(server.url("/noai/1.jpg"))
+
+    assert respected.reason == "opted_out"
+    assert respected.body is None
+    assert ignored.ok
+
+
+def test_user_agent_token():
+    assert user_agent_token("bm6b/0.1 (+https://github.com/bm6b/bm6b)") == "bm6b"
+    assert user_agent_token("MyCrawler") == "MyCrawler"
+
+
+def test_robots_txt_disallow_cached(server):
+    server.robots_txt = b"User-agent: *\nDisallow: /private\n\nUser-agent: bm6b\nDisallow: /img/1.jpg\n"
+    fetcher = Fetcher(FetchConfig(check_robots_txt=True, **LOCAL))
+
+    results = {path: fetcher.fetch(server.url(path)).reason for path in ("/img/1.jpg", "/img/2.jpg", "/img/3.jpg")}
+
+    assert results == {"/img/1.jpg": "opted_out", "/img/2.jpg": None, "/img/3.jpg": None}
+    assert server.requests["/robots.txt"] == 1
+    assert server.requests["/img/1.jpg"] == 0
+
+
+def test_robots_txt_missing_allows(server):
+    fetcher = Fetcher(FetchConfig(check_robots_txt=True, **LOCAL))
+
+    assert fetcher.fetch(server.url("/img/1.jpg")).ok
+    assert server.requests["/robots.txt"] == 1
+
+
+def test_robots_txt_server_error_is_retryable(server):
+    server.robots_txt = b"busy"
+    server.robots_status = 503
+    fetcher = Fetcher(FetchConfig(check_robots_txt=True, retries=0, **LOCAL))
+
+    result = fetcher.fetch(server.url("/img/1.jpg"))
+
+    assert result.reason == "http_5xx"
+    assert "robots.txt" in result.detail
+    assert server.requests["/img/1.jpg"] == 0
+
+
+def test_keep_alive_reuses_connections(server):
+    fetcher = Fetcher(FetchConfig(**LOCAL))
+
+    results = [fetcher.fetch(server.url(f"/img/{i % 12}.jpg")) for i in range(20)]
+
+    assert all(r.ok for r in results)
+    assert server.connections == 1
