@@ -30,7 +30,12 @@ def reference_phash(data: bytes) -> int:
 
 
 def nfkc(text: str) -> str:
-    return " ".join(unicodedata.normalize("NFKC", text).split())
+    """NFKC with collapsed spaces, except Chinese full-width punctuation after a Han character stays."""
+    kept = []
+    for i, ch in enumerate(text):
+        after_han = i > 0 and "\u4e00" <= text[i - 1] <= "\u9fff"
+        kept.append(ch if after_han and ch in "，！？：；（）" else unicodedata.normalize("NFKC", ch))
+    return " ".join("".join(kept).split())
 
 
 @pytest.fixture(scope="module")

@@ -118,6 +118,14 @@ def test_caption_arguments_build_config(tmp_path):
     assert config.convert_traditional
 
 
+def test_caption_arguments_missing_blocklist(tmp_path):
+    parser = argparse.ArgumentParser()
+    captions.add_caption_arguments(parser)
+    args = parser.parse_args(["--caption-blocklist", f"en={tmp_path / 'absent.txt'}"])
+    with pytest.raises(ValueError, match="absent.txt"):
+        captions.caption_config_from_args(args)
+
+
 def test_caption_arguments_invalid_pair():
     parser = argparse.ArgumentParser()
     captions.add_caption_arguments(parser)

@@ -20,7 +20,7 @@ from bm6b.filters import lid as lid_module
 from bm6b.filters.caption_config import ZH_LABELS, CaptionConfig, bundled_list
 from bm6b.filters.lid import identify, load_lid_model, normalize_script
 from bm6b.filters.text_normalize import normalize_caption as _normalize
-from bm6b.filters.text_quality import check_caption, junk_issue, strip_boilerplate
+from bm6b.filters.text_quality import check_caption, junk_issue, load_blocklist, load_boilerplate, strip_boilerplate
 from bm6b.schemas.reasons import Reason
 
 logger = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ def caption_config_from_args(args: argparse.Namespace) -> CaptionConfig:
 
     weights = dict(defaults.weights)
     weights["embedding"] = args.translate_embedding_weight
-    return defaults.replace(
+    config = defaults.replace(
         min_zh_chars=args.min_zh_chars,
         max_zh_chars=args.max_zh_chars,
         min_en_words=args.min_en_words,
@@ -265,6 +265,12 @@ def caption_config_from_args(args: argparse.Namespace) -> CaptionConfig:
         embedding_model=args.translate_embedding_model,
         weights=weights,
     )
+
+    # Read the list files now, so a missing file or a bad pattern fails before the pipeline starts.
+    load_boilerplate(tuple(config.boilerplate_files))
+    for language, paths in config.blocklist_files.items():
+        load_blocklist(language, tuple(paths))
+    return config
 
 
 __all__ = [
