@@ -279,11 +279,14 @@ class _Watchdog:
 
     def watch(self, deadline: _Deadline) -> None:
         with self.cond:
+            earliest = self.heap[0][0] if self.heap else None
             heapq.heappush(self.heap, (deadline.at, next(self.counter), deadline))
             if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(target=self._run, name="bm6b-fetch-watchdog", daemon=True)
                 self.thread.start()
-            self.cond.notify()
+            # Waking the thread costs a GIL handoff per fetch; only an earlier deadline needs it.
+            if earliest is None or deadline.at < earliest:
+                self.cond.notify()
 
     def _run(self) -> None:
         while True:
