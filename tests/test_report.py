@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from bm6b.cli import main
+from bm6b.filters.clip import check_scores
 from bm6b.pipelines.shards import write_shard
 from bm6b.pipelines.stats import compute_stats, write_stats
 from bm6b.report import data as rd
@@ -41,10 +42,16 @@ def kept(key: str, zh: str | None, en: str | None, size: tuple[int, int], clip: 
     return record
 
 
-def reject(key: str, url: str, stage: str, reason: str, zh: str | None, en: str | None, detail: str = ""):
+def low_score(scores: dict[str, float]) -> tuple[str, str]:
+    """Return (reason, detail) of a low_clip_score reject, from the CLIP stage's own check at 0.25."""
+    record = {f"clip_score_{language}": score for language, score in scores.items()}
+    return check_scores(record, {"zh": 0.25, "en": 0.25})
+
+
+def reject(key: str, url: str, stage: str, reason: str, detail: str | None, zh: str | None, en: str | None):
     source = {"key": key, "uid": key, "url": url, "source": "m.tsv", "source_row": 1,
               "caption_zh": zh, "caption_en": en, "captions": []}
-    return make_reject(source, stage=stage, reason=reason, detail=detail)
+    return make_reject(source, stage=stage, reason=reason, detail=detail or "")
 
 
 def write_rejects(folder, rows) -> None:
@@ -54,12 +61,13 @@ def write_rejects(folder, rows) -> None:
 
 @pytest.fixture
 def small_run(tmp_path):
-    """3 kept rows and 6 rejects; every count asserted below was counted by hand from this table.
+    """3 kept rows and 8 rejects; every count asserted below was counted by hand from this table.
 
     kept:  K1 zh+en 400x300, K2 en 200x200, K3 zh 100x300
     rejects: download http_404 (zh+en, host a.test), download http_404 (en, a.test),
              download connect (zh, b.test), captions empty_caption (en),
-             dedup_image duplicate_image of K1 (zh+en), dedup_image duplicate_image of K1 (en)
+             dedup_image duplicate_image of K1 (zh+en), dedup_image duplicate_image of K1 (en),
+             clip low_clip_score en 0.12 (en), clip low_clip_score zh 0.05 and en 0.2 (zh+en)
     """
     out = tmp_path / "out"
     out.mkdir()
@@ -69,17 +77,18 @@ def small_run(tmp_path):
         kept(KEYS[2], "長城", None, (100, 300), (0.27, None)),
     ])
     write_rejects(out, [
-        reject("a" * 16, "http://a.test/1.jpg", "download", "http_404", "猫", "cat"),
-        reject("b" * 16, "http://a.test/2.jpg", "download", "http_404", None, "dog"),
-        reject("c" * 16, "http://b.test/3.jpg", "download", "connect", "船", None),
-        reject("d" * 16, "http://a.test/4.jpg", "captions", "empty_caption", None, "   "),
-        reject("e" * 16, "http://a.test/5.jpg", "dedup_image", "duplicate_image", "猫", "cat",
-               f"same sha256 as kept key {KEYS[0]}"),
-        reject("f" * 16, "http://a.test/6.jpg", "dedup_image", "duplicate_image", None, "cat",
-               f"same sha256 as kept key {KEYS[0]}"),
+        reject("a" * 16, "http://a.test/1.jpg", "download", "http_404", "", "猫", "cat"),
+        reject("b" * 16, "http://a.test/2.jpg", "download", "http_404", "", None, "dog"),
+        reject("c" * 16, "http://b.test/3.jpg", "download", "connect", "", "船", None),
+        reject("d" * 16, "http://a.test/4.jpg", "captions", "empty_caption", "", None, "   "),
+        reject("e" * 16, "http://a.test/5.jpg", "dedup_image", "duplicate_image",
+               f"same sha256 as kept key {KEYS[0]}", "猫", "cat"),
+        reject("f" * 16, "http://a.test/6.jpg", "dedup_image", "duplicate_image",
+               f"same sha256 as kept key {KEYS[0]}", None, "cat"),
+        reject("1" * 16, "http://a.test/7.jpg", "clip", *low_score({"en": 0.12}), None, "a dog"),
+        reject("2" * 16, "http://a.test/8.jpg", "clip", *low_score({"zh": 0.05, "en": 0.2}), "狗", "dog"),
     ])
-    stats = compute_stats(str(out), stages=["ingest", "download", "captions", "lid", "dedup_image", "write"])
-    stats["clip_threshold"] = 0.25
+    stats = compute_stats(str(out), stages=["ingest", "download", "captions", "lid", "dedup_image", "clip", "write"])
     write_stats(str(out), stats)
     return out
 
@@ -95,19 +104,21 @@ def test_funnel_per_language(small_run):
     zh = {row["stage"]: row for row in rd.funnel(run, "zh")}
     en = {row["stage"]: row for row in rd.funnel(run, "en")}
 
-    # zh: kept K1, K3; rejected: 404 (a), connect (c), duplicate (e) -> 5 in.
-    assert zh["ingest"]["in"] == 5
+    # zh: kept K1, K3; rejected: 404 (a), connect (c), duplicate (e), low score (2) -> 6 in.
+    assert zh["ingest"]["in"] == 6
     assert zh["download"]["rejected"] == {"connect": 1, "http_404": 1}
     assert zh["captions"]["rejected"] == {}
     assert zh["dedup_image"]["rejected"] == {"duplicate_image": 1}
+    assert zh["clip"]["rejected"] == {"low_clip_score": 1}
     assert zh["write"]["out"] == 2
 
     # en: kept K1, K2; rejected: 404 (a, b), empty_caption (d: its input caption is "   ", which
-    # counts as present), duplicates (e, f) -> 7 in.
-    assert en["ingest"]["in"] == 7
+    # counts as present), duplicates (e, f), low scores (1, 2) -> 9 in.
+    assert en["ingest"]["in"] == 9
     assert en["download"]["rejected"] == {"http_404": 2}
     assert en["captions"]["rejected"] == {"empty_caption": 1}
     assert en["dedup_image"]["rejected"] == {"duplicate_image": 2}
+    assert en["clip"]["rejected"] == {"low_clip_score": 2}
     assert en["write"]["out"] == 2
 
 
@@ -133,10 +144,13 @@ def test_report_files_and_numbers(small_run):
             assert png.width > 300
 
     clip = figures["clip_scores"]["values"]
-    assert clip["threshold"] == 0.25
-    assert clip["zh"]["count"] == 2
-    assert clip["en"]["count"] == 2
-    assert clip["zh"]["min"] == pytest.approx(0.27)
+    assert clip["thresholds"] == {"zh": 0.25, "en": 0.25}
+    assert clip["zh"]["kept"] == 2
+    assert clip["zh"]["rejected"] == 1
+    assert clip["en"]["kept"] == 2
+    assert clip["en"]["rejected"] == 2
+    assert clip["zh"]["min"] == pytest.approx(0.05)
+    assert clip["en"]["min"] == pytest.approx(0.12)
     assert clip["en"]["max"] == pytest.approx(0.29)
 
     sizes = figures["image_sizes"]["values"]
@@ -187,7 +201,7 @@ def test_report_command(small_run, capsys):
     assert main(["report", str(small_run), "--clip-threshold", "0.3"]) == 0
     assert "report written to" in capsys.readouterr().out
     figures = json.loads((small_run / "report" / "figures.json").read_text())
-    assert figures["clip_scores"]["values"]["threshold"] == 0.3
+    assert figures["clip_scores"]["values"]["thresholds"] == {"zh": 0.3, "en": 0.3}
 
 
 def test_inspect_text_and_html(small_run, tmp_path, capsys):

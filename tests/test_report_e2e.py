@@ -70,8 +70,10 @@ def test_distributions_match_shards(report):
     assert sizes["short_side"]["max"] == max(short)
 
     clip = report["figures"]["clip_scores"]["values"]
-    assert clip["zh"]["count"] == report["stats"]["captions"]["zh"]
-    assert clip["en"]["count"] == report["stats"]["captions"]["en"]
+    assert clip["zh"]["kept"] == report["stats"]["captions"]["zh"]
+    assert clip["en"]["kept"] == report["stats"]["captions"]["en"]
+    assert clip["en"]["rejected"] == 0  # the run sets no CLIP threshold
+    assert clip["thresholds"] == {}
     assert clip["en"]["min"] == pytest.approx(min(r["clip_score_en"] for r in kept))
 
     languages = report["figures"]["languages"]["values"]

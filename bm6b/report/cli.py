@@ -44,7 +44,8 @@ def register(subparsers) -> None:
     )
     report.add_argument("output_dir", metavar="OUTPUT_DIR", help="curate output folder (local path or gs://...)")
     report.add_argument("--clip-threshold", type=float,
-                        help="CLIP score threshold to mark on the histograms (default: the one in stats.json, if any)")
+                        help="CLIP score threshold to mark on both histograms (default: per language, from stats.json "
+                        "or from the low_clip_score rejects)")
     report.set_defaults(func=run_report_command)
 
     inspect = subparsers.add_parser(

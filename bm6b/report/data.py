@@ -273,12 +273,44 @@ def download_errors(run: RunData) -> tuple[collections.Counter, dict[str, collec
     return by_reason, dict(by_host)
 
 
-def clip_threshold(stats: dict[str, Any]) -> float | None:
-    """Find the CLIP score threshold the run used, if stats.json records one."""
-    sources = [stats, stats.get("options") or {}, stats.get("config") or {}]
-    for source in sources:
-        for name in ("clip_threshold", "min_clip_score", "clip_min_score"):
-            value = source.get(name)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
+# The detail text of a low_clip_score reject, one clause per failing caption language.
+LOW_SCORE_PATTERN = re.compile(r"\b(zh|en) score (-?\d+(?:\.\d+)?|nan) < threshold (-?\d+(?:\.\d+)?)")
+
+
+def low_score_rejects(run: RunData) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Return the failing scores per language of low_clip_score rejects, and the thresholds they name."""
+    scores: dict[str, list[float]] = {language: [] for language in LANGUAGES}
+    thresholds: dict[str, float] = {}
+    for reason, detail in zip(run.rejects["reason"] or [], run.rejects["detail"] or []):
+        if reason != "low_clip_score":
+            continue
+        for language, score, threshold in LOW_SCORE_PATTERN.findall(detail or ""):
+            if score != "nan":
+                scores[language].append(float(score))
+            thresholds[language] = float(threshold)
+    return scores, thresholds
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
     return None
+
+
+def clip_thresholds(run: RunData) -> dict[str, float]:
+    """Return the CLIP score threshold per language: from stats.json when it records them, else from
+    the detail text of the low_clip_score rejects (which also covers thresholds from a top fraction)."""
+    thresholds: dict[str, float] = {}
+    sources = [run.stats, run.stats.get("options") or {}, run.stats.get("config") or {}]
+    for language in LANGUAGES:
+        for source in sources:
+            value = _number(source.get(f"clip_min_score_{language}"))
+            if value is None:
+                value = _number(source.get("clip_min_score"))
+            if value is not None:
+                thresholds[language] = value
+                break
+    _, from_rejects = low_score_rejects(run)
+    for language, value in from_rejects.items():
+        thresholds.setdefault(language, value)
+    return thresholds

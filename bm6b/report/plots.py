@@ -64,7 +64,8 @@ def plot_funnel(run: rd.RunData) -> Figure:
         counts = [rows[0]["in"]] + [row["out"] for row in rows]
         positions = [i + (offset - 1) * width for i in range(len(labels))]
         bars = ax.bar(positions, counts, width, label=name, color=LANGUAGE_COLORS.get(name, "#555555"))
-        ax.bar_label(bars, fontsize=7)
+        ax.bar_label(bars, fontsize=6, rotation=90, padding=2)
+    ax.set_ylim(0, series["all"][0]["in"] * 1.15 + 1)
     ax.set_xticks(range(len(labels)), labels, rotation=20)
     ax.set_ylabel("rows remaining")
     ax.set_title("Rows remaining after each stage (all rows, rows with a zh caption, rows with an en caption)")
@@ -93,44 +94,52 @@ def plot_reject_reasons(run: rd.RunData) -> Figure:
         bars = ax.barh(range(len(labels)), counts, color=LANGUAGE_COLORS[language])
         ax.bar_label(bars, fontsize=7)
         ax.set_yticks(range(len(labels)), labels, fontsize=8)
-        ax.invert_yaxis()
         ax.set_title(f"rows with a {language} caption")
         ax.set_xlabel("rejected rows")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].invert_yaxis()  # the axes share y, so one call puts the first stage on top of both
     return Figure("reject_reasons", "Rejects by stage and reason", _to_png(fig), values)
 
 
 # ---------------------------------------------------------------- CLIP scores
 
 
-def plot_clip_scores(run: rd.RunData, threshold: float | None) -> Figure:
-    """Histogram of the kept rows' CLIP scores per language, with the threshold as a line."""
+def plot_clip_scores(run: rd.RunData, thresholds: dict[str, float]) -> Figure:
+    """Histogram of CLIP scores per language (kept rows, and rejected ones below the threshold),
+    with each language's threshold as a dashed line."""
     title = "CLIP score per language"
     scores = {lang: run.shards.get(f"clip_score_{lang}") for lang in rd.LANGUAGES}
-    if all(column is None for column in scores.values()):
+    rejected, _ = rd.low_score_rejects(run)
+    if all(column is None for column in scores.values()) and not any(rejected.values()):
         return _missing("clip_scores", title, "The shards have no clip_score columns.")
-    present = {lang: [float(s) for s in (column or []) if s is not None and math.isfinite(s)] for lang, column in scores.items()}
-    if not any(present.values()):
-        return _missing("clip_scores", title, "No kept row has a CLIP score: the run had no --clip-model.")
+    kept = {lang: [float(s) for s in (column or []) if s is not None and math.isfinite(s)] for lang, column in scores.items()}
+    if not any(kept.values()) and not any(rejected.values()):
+        return _missing("clip_scores", title, "No row has a CLIP score: the run had no --clip-model.")
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    values: dict[str, Any] = {"threshold": threshold}
+    values: dict[str, Any] = {"thresholds": dict(thresholds)}
     for ax, language in zip(axes, rd.LANGUAGES):
-        column = present[language]
-        values[language] = {"count": len(column), "min": min(column, default=None), "max": max(column, default=None)}
-        if column:
-            counts, edges, _ = ax.hist(column, bins=30, color=LANGUAGE_COLORS[language])
-            values[language]["histogram"] = [int(c) for c in counts]
+        column, low = kept[language], rejected[language]
+        values[language] = {"kept": len(column), "rejected": len(low), "min": min(column + low, default=None),
+                            "max": max(column + low, default=None)}
+        if column or low:
+            counts, edges, _ = ax.hist([column, low], bins=30, stacked=True, label=["kept", "rejected"],
+                                       color=[LANGUAGE_COLORS[language], "#bbbbbb"])
+            values[language]["histogram_kept"] = [int(c) for c in counts[0]]
             values[language]["edges"] = [float(e) for e in edges]
+        threshold = thresholds.get(language)
         if threshold is not None:
             ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:g}")
-            ax.legend()
-        ax.set_title(f"{language} captions ({len(column)} scored)")
+        if column or low or threshold is not None:
+            ax.legend(fontsize=8)
+        ax.set_title(f"{language} captions ({len(column)} kept, {len(low)} rejected for a low score)", fontsize=10)
         ax.set_xlabel("cosine similarity")
-        ax.set_ylabel("kept rows")
-    note = "Kept rows only: rows rejected for a low score are in rejects/ without their score."
-    if threshold is None:
-        note += " stats.json records no CLIP threshold, so none is marked."
+        ax.set_ylabel("rows")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    note = ("Rejected scores come from the detail text of low_clip_score rejects, which holds only the "
+            "failing language's score.")
+    if not thresholds:
+        note += " The run used no CLIP threshold, so none is marked."
     return Figure("clip_scores", title, _to_png(fig), values, note)
 
 
@@ -187,6 +196,8 @@ def plot_image_sizes(run: rd.RunData) -> Figure:
     axes[0].set_ylabel("kept rows")
     ratio_counts, ratio_edges, _ = axes[1].hist(ratio, bins=30, color="#8e6c3c")
     axes[1].set_xlabel("aspect ratio (longer / shorter side)")
+    for ax in axes:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     values = {
         "count": len(pairs),
         "short_side": {"min": min(short), "max": max(short), "histogram": [int(c) for c in short_counts],
@@ -267,11 +278,11 @@ def plot_download_errors(run: rd.RunData) -> Figure:
     return Figure("download_errors", "Download errors", _to_png(fig), values)
 
 
-def all_figures(run: rd.RunData, threshold: float | None) -> list[Figure]:
+def all_figures(run: rd.RunData, thresholds: dict[str, float]) -> list[Figure]:
     return [
         plot_funnel(run),
         plot_reject_reasons(run),
-        plot_clip_scores(run, threshold),
+        plot_clip_scores(run, thresholds),
         plot_languages(run),
         plot_image_sizes(run),
         plot_duplicate_clusters(run),

@@ -107,11 +107,14 @@ def render_html(run: rd.RunData, figures: list[Figure]) -> str:
 def write_report(output: str, clip_threshold: float | None = None) -> str:
     """Write the report of the curate output in ``output`` and return the path of its index.html.
 
-    ``clip_threshold`` marks the CLIP score histograms; by default it is read from stats.json.
+    ``clip_threshold`` marks the CLIP score histograms of both languages; by default each language's
+    threshold comes from stats.json or from the detail text of its low_clip_score rejects.
     """
     run = rd.load_run(output)
-    threshold = clip_threshold if clip_threshold is not None else rd.clip_threshold(run.stats)
-    figures = all_figures(run, threshold)
+    thresholds = rd.clip_thresholds(run)
+    if clip_threshold is not None:
+        thresholds = {language: clip_threshold for language in rd.LANGUAGES}
+    figures = all_figures(run, thresholds)
 
     folder = FileSystems.join(run.output, REPORT_DIR)
     if not FileSystems.exists(folder):
