@@ -6,10 +6,10 @@ Methods, all behind the same step (linear image and text towers, loss, backward)
 - ``siglip``: open_clip ``SigLipLoss(dist_impl="bidir")``: sigmoid loss, text features travel a ring.
 - ``gba_k{k}_m{m}``: bm6b's grouped ITC loss with groups of k ranks and m accumulated micro-batches.
 
-Bytes are *logical* bytes received per rank per optimizer step (mean over ranks), counted at every torch.distributed
-call (wrapped for the run) and attributed to the sending rank, so they can be split into traffic
-inside and across virtual nodes of g consecutive ranks for any g. Ring all-reduce and
-reduce-scatter are counted with their textbook volumes. Retained memory is the sum of unique
+Bytes are *logical* bytes received per rank per optimizer step, averaged over ranks. Every
+torch.distributed call is wrapped for the run and its bytes are attributed to the sending rank, so
+they split into traffic inside and across virtual nodes of g consecutive ranks, for any g. Ring
+all-reduce and reduce-scatter are counted with their textbook volumes. Retained memory is the sum of unique
 storages that the loss saves for backward (``saved_tensors_hooks``); for m > 1 the GradCache
 feature cache (features and their gradients) is reported separately.
 
@@ -142,7 +142,7 @@ class SavedBytes:
 
 
 class MeasuredLoss(nn.Module):
-    """Runs a loss under saved-tensor accounting; ``saved`` holds the last call's retained bytes."""
+    """Runs a loss under saved-tensor accounting; ``saved`` is the last call's retained bytes."""
 
     def __init__(self, loss, counter: CommCounter, with_bias: bool = False):
         super().__init__()
@@ -315,6 +315,7 @@ def _worker(rank, world, store, args, queue_path):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     dtype = getattr(torch, args.dtype)
     counter = CommCounter(rank)
+
     rows = []
     for method in methods_for(world):
         if method["name"] == "naive" and world * args.batch > args.naive_max:
@@ -324,6 +325,7 @@ def _worker(rank, world, store, args, queue_path):
             row = _run_method(method, rank, world, args, counter, dtype)
         finally:
             counter.uninstall()
+
         gathered = [None] * world
         dist.all_gather_object(gathered, row)
         if rank == 0:
@@ -362,8 +364,8 @@ def _kib(value: int) -> str:
 def format_table(rows: list[dict], node_size: int) -> str:
     lines = [
         f"| W | method | k | m | negatives | fwd intra KiB | fwd inter KiB | bwd intra KiB | bwd inter KiB "
-        f"| retained loss KiB | feature cache KiB | step ms | loss |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| retained loss KiB | feature cache KiB | step ms | CPU ms | loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
@@ -371,7 +373,7 @@ def format_table(rows: list[dict], node_size: int) -> str:
             f"| {_kib(row[f'forward_intra_g{node_size}'])} | {_kib(row[f'forward_inter_g{node_size}'])} "
             f"| {_kib(row[f'backward_intra_g{node_size}'])} | {_kib(row[f'backward_inter_g{node_size}'])} "
             f"| {_kib(row['retained_loss_bytes'])} | {_kib(row['feature_cache_bytes'])} "
-            f"| {row['step_ms']:.1f} | {row['loss']:.4f} |"
+            f"| {row['step_ms']:.1f} | {row['cpu_ms']:.1f} | {row['loss']:.4f} |"
         )
     return "\n".join(lines)
 

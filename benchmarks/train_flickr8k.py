@@ -1,10 +1,12 @@
 """Curate Flickr8k from a loopback server, train a small model on CPU, and evaluate zh/en retrieval.
 
 Steps:
-1. Serve the Flickr8k photos (research-use data in ``../shared/data/raw``, never copied into the
-   repository) on 127.0.0.1 and run ``run_curate`` twice: the train split (one row per photo:
-   Chinese caption written by native speakers, English caption number N) and the test split
-   (English caption 0 and its human Chinese translation).
+1. Serve the Flickr8k photos on 127.0.0.1 and run ``run_curate`` once per split and caption
+   number N. The photos are research-use data in ``../shared/data/raw`` and are never copied
+   into the repository. A train manifest has one row per photo with Chinese caption N (written
+   by native speakers) and English caption N. A test manifest has English caption N and its
+   human Chinese translation. Curate keeps one row per image per run (exact sha256 dedup), so
+   the N runs give each photo up to 5 captions per language; evaluation groups them by image.
 2. Train a bilingual BPE tokenizer on the train shards' captions.
 3. Train ``bm6b-tiny`` with the grouped ITC loss (one process), then run zero-shot retrieval on
    the test shards for the trained and the untrained model.
@@ -125,7 +127,9 @@ def run(args) -> dict:
     train_shards = []
     for index in range(args.caption_variants):
         train_shards += curate_split(raw, "train", work, caption_index=index)
-    test_shards = curate_split(raw, "test", work)
+    test_shards = []
+    for index in range(args.caption_variants):
+        test_shards += curate_split(raw, "test", work, caption_index=index)
     curate_s = time.monotonic() - started
 
     tokenizer_path = work / "tokenizer.json"
@@ -150,6 +154,7 @@ def run(args) -> dict:
         weight_decay=args.weight_decay,
         workers=args.workers,
         text_policy="random",
+        crop_scale_min=args.crop_scale_min,
         save_every=args.save_every,
         log_every=10,
         resume="auto",
@@ -191,7 +196,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     parser.add_argument("--vocab-size", type=int, default=4000, help="bilingual BPE vocabulary (default: 4000)")
     parser.add_argument("--context-length", type=int, default=32, help="text tokens per caption (default: 32)")
-    parser.add_argument("--caption-variants", type=int, default=1, help="curate the train split this many times, with caption N each time (1-5, default: 1)")
+    parser.add_argument("--caption-variants", type=int, default=5, help="curate each split this many times, with caption number N in run N (1-5, default: 5)")
+    parser.add_argument("--crop-scale-min", type=float, default=0.5, help="smallest area fraction of the training crop (default: 0.5)")
     parser.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (default: 100)")
     args = parser.parse_args(argv)
     if not (Path(args.raw) / "flickr8k-images").is_dir():

@@ -64,9 +64,10 @@ def train_throughput(args, work: Path) -> dict:
     return results
 
 
-def _loss_step(local_image, local_text, columns_image, columns_text, scale, row_offset):
+def _loss_step(local_image, local_text, columns_image, columns_text, scale, row_offset, square=False):
     logits_image = scale * local_image @ columns_text.T
-    logits_text = scale * local_text @ columns_image.T
+    # open_clip's naive loss reuses the transposed square matrix for text-to-image.
+    logits_text = logits_image.T if square else scale * local_text @ columns_image.T
     labels = torch.arange(local_image.shape[0], device=local_image.device) + row_offset
     return 0.5 * (F.cross_entropy(logits_image.float(), labels) + F.cross_entropy(logits_text.float(), labels))
 
@@ -96,8 +97,9 @@ def emulate_rank(method: str, batch: int, world: int, group: int, dim: int, dtyp
         all_text = torch.cat([local_text, remote_text])
         if method == "naive":
             # open_clip's default: every rank builds the full matrix over all W*b samples.
-            loss = _loss_step(all_image, all_text, all_image, all_text, scale.exp(), 0)
+            loss = _loss_step(all_image, all_text, all_image, all_text, scale.exp(), 0, square=True)
         else:
+            # This rank's rows come first in the gathered columns, so its labels start at 0.
             loss = _loss_step(local_image, local_text, all_image, all_text, scale.exp(), 0)
         loss.backward()
         end.record()

@@ -29,6 +29,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute encoder activations in backward to save memory")
     parser.add_argument("--workers", type=int, default=2, help="data-loader worker processes per rank (default: 2)")
     parser.add_argument("--text-policy", choices=("random", "zh", "en", "both"), default="random", help="which captions become text views: one random caption, only zh, only en, or both as separate pairs (default: random)")
+    parser.add_argument("--crop-scale-min", type=float, default=0.9, help="smallest image area fraction of the training random-resized crop (default: 0.9, open_clip's)")
     parser.add_argument("--shuffle-buffer", type=int, default=1000, help="samples in each worker's shuffle buffer (default: 1000)")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights, data order and augmentation (default: 0)")
     parser.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (default: 500)")
@@ -44,6 +45,8 @@ def config_from_args(args: argparse.Namespace):
     for name in ("batch_size", "accum", "steps", "log_every", "save_every"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not 0 < args.crop_scale_min <= 1:
+        raise SystemExit(f"error: --crop-scale-min must be in (0, 1], got {args.crop_scale_min}")
     if args.workers < 0:
         raise SystemExit(f"error: --workers must be 0 or more, got {args.workers}")
     group_size = args.itc_group_size
@@ -66,6 +69,7 @@ def config_from_args(args: argparse.Namespace):
         grad_checkpointing=args.grad_checkpointing,
         workers=args.workers,
         text_policy=args.text_policy,
+        crop_scale_min=args.crop_scale_min,
         shuffle_buffer=args.shuffle_buffer,
         seed=args.seed,
         save_every=args.save_every,

@@ -8,11 +8,12 @@ from torch import nn
 from bm6b.models import register_model_configs
 
 
-def build_model(model_name: str, tokenizer, device: torch.device | str = "cpu"):
+def build_model(model_name: str, tokenizer, device: torch.device | str = "cpu", crop_scale_min: float = 0.9):
     """Create a randomly initialized open_clip model; return (model, train transform, eval transform).
 
     The text tower's vocabulary and context length follow the tokenizer. No pretrained weights
-    are loaded, so nothing is downloaded.
+    are loaded, so nothing is downloaded. ``crop_scale_min`` is the smallest image area fraction
+    of the training random-resized crop (open_clip's default is 0.9).
     """
     import open_clip
 
@@ -29,6 +30,7 @@ def build_model(model_name: str, tokenizer, device: torch.device | str = "cpu"):
         device=device,
         output_dict=True,
         text_cfg=text_cfg,
+        aug_cfg={"scale": (crop_scale_min, 1.0)},
     )
     return model, preprocess_train, preprocess_val
 

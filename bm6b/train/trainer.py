@@ -58,6 +58,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     workers: int = 2
     text_policy: str = "random"
+    crop_scale_min: float = 0.9  # smallest area fraction of the training random-resized crop
     shuffle_buffer: int = 1000
     seed: int = 0
     save_every: int = 500
@@ -256,7 +257,7 @@ def train(config: TrainConfig) -> dict:
 
     shards = expand_shards(config.shards)
     tokenizer = load_tokenizer(config.tokenizer, config.context_length)
-    model, preprocess_train, _ = build_model(config.model, tokenizer, info.device)
+    model, preprocess_train, _ = build_model(config.model, tokenizer, info.device, config.crop_scale_min)
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
     autocast, precision = _autocast_factory(config.precision, info.device)
