@@ -216,8 +216,8 @@ def test_local_multiprocess_on_sample(tmp_path):
     assert "multi_processing" in command
     manifest = tmp_path / "manifest.tsv"
     output = tmp_path / "out"
-    command = [str(manifest) if part == "manifest.tsv" else str(output) if part == "out" else part
-               for part in command]
+    placeholders = {"manifest.tsv": str(manifest), "out": str(output)}
+    command = [placeholders.get(part, part) for part in command]
 
     with SampleServer() as server:
         rows = write_sample_manifest(manifest, server)

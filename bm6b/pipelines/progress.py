@@ -1,9 +1,9 @@
 """Progress of a running curate job from the ``bm6b`` Metrics counters.
 
 The stages count ``{stage}.in``, ``{stage}.out`` and ``{stage}.reject.{reason}`` in the ``bm6b``
-Metrics namespace on every runner. This module reads those counters while the job runs and logs
-one progress line per interval (rows in and out per stage, rejects, rows per second), a line when
-a stage starts, and a summary per stage when the job ends.
+Metrics namespace on every runner. This module reads those counters while the job runs. It logs a
+line when a stage starts, one progress line per interval (rows in and out per stage, rejects, rows
+per second), and a summary per stage when the job ends.
 
 Where the counters come from:
 

@@ -14,7 +14,7 @@ A recipe file has this shape::
 
 ``bm6b curate --recipe NAME|FILE`` applies ``options`` as the parser's defaults before the
 command line is parsed, so any flag given on the command line still wins. NAME is a file in
-this package (``bm6b-default``, ``datacomp-basic``, ...); anything ending in ``.yaml`` or
+this package, such as ``bm6b-default`` or ``datacomp-basic``. A value ending in ``.yaml`` or
 ``.yml``, or naming an existing file, is read as a path.
 """
 

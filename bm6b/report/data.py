@@ -84,7 +84,7 @@ class RunData:
 def load_run(output: str) -> RunData:
     """Read ``stats.json``, the shard Parquet files and the rejects of an output folder.
 
-    Raises FileNotFoundError when the folder holds neither a ``stats.json`` nor any shard.
+    Raises FileNotFoundError when the folder contains neither a ``stats.json`` nor any shard.
     """
     output = output.rstrip("/") or output
     stats_path = FileSystems.join(output, "stats.json")
@@ -235,9 +235,9 @@ def caption_distributions(run: RunData) -> dict[str, dict[str, collections.Count
 def duplicate_clusters(run: RunData, reason: str) -> list[int] | None:
     """Return the size of every duplicate cluster (kept sample + its rejected copies) for ``reason``.
 
-    Dedup rejects name the kept key in their detail text; rejects of ``reason`` without a key
-    there are counted as their own cluster with the kept sample unknown. Returns None when the
-    run has no rejects of that reason.
+    Dedup rejects name the kept key in their detail text. A reject of ``reason`` whose detail
+    names no key counts as a cluster of two with an unknown kept sample. Returns None when the run
+    has no rejects of that reason.
     """
     details = [d for r, d in zip(run.rejects["reason"] or [], run.rejects["detail"] or []) if r == reason]
     if not details:

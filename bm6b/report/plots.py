@@ -2,7 +2,7 @@
 
 Each ``plot_*`` function returns a ``Figure`` record: the PNG bytes, the numbers it drew (so a
 test or a reader can check them against the data), and a note. When the data a figure needs is
-absent, ``png`` is None and the note says why.
+absent, ``png`` is None and the note states why.
 """
 
 from __future__ import annotations

@@ -107,8 +107,9 @@ def render_html(run: rd.RunData, figures: list[Figure]) -> str:
 def write_report(output: str, clip_threshold: float | None = None) -> str:
     """Write the report of the curate output in ``output`` and return the path of its index.html.
 
-    ``clip_threshold`` marks the CLIP score histograms of both languages; by default each language's
-    threshold comes from stats.json or from the detail text of its low_clip_score rejects.
+    ``clip_threshold`` marks the CLIP score histograms of both languages. By default each
+    language's threshold comes from stats.json, else from the detail text of its low_clip_score
+    rejects.
     """
     run = rd.load_run(output)
     thresholds = rd.clip_thresholds(run)
