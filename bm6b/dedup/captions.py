@@ -7,7 +7,7 @@ removed. ``"這是一隻貓！"`` and ``"这是一只猫"`` share one key.
 
 Near duplicates use MinHash over shingles of the normalized text: character n-grams for
 Chinese, because Chinese has no spaces and splitting on whitespace would turn a whole caption
-into one token; word n-grams for English. LSH bands (sized by datasketch for the threshold)
+into one token; word n-grams for English. LSH bands (sized for 99% recall at the threshold)
 propose candidates and the exact Jaccard similarity of the shingle sets decides.
 """
 
@@ -57,7 +57,7 @@ def exact_key(text: str | None) -> str:
 class NearConfig:
     """MinHash LSH settings for near-duplicate captions."""
 
-    threshold: float = 0.8  # minimum Jaccard similarity of the shingle sets
+    threshold: float = 0.9  # minimum Jaccard similarity of the shingle sets
     num_perm: int = 128
     zh_ngram: int = 3  # characters per Chinese shingle
     en_ngram: int = 2  # words per English shingle
@@ -96,12 +96,19 @@ def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
 
 
 @functools.lru_cache(maxsize=8)
-def lsh_layout(threshold: float, num_perm: int) -> tuple[int, int]:
-    """Return (bands, rows) for the threshold, as datasketch's MinHashLSH chooses them."""
-    from datasketch import MinHashLSH
+def lsh_layout(threshold: float, num_perm: int, target_recall: float = 0.99) -> tuple[int, int]:
+    """Return (bands, rows): the most rows per band that still find a pair at ``threshold`` with ``target_recall``.
 
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    return lsh.b, lsh.r
+    A pair of Jaccard similarity J shares at least one band with probability
+    ``1 - (1 - J ** rows) ** bands``. Candidates are verified exactly afterwards, so the layout
+    favors recall; datasketch's own choice (5 bands of 25 rows at 0.9) finds such a pair only
+    31% of the time.
+    """
+    for rows in range(num_perm, 0, -1):
+        bands = num_perm // rows
+        if 1 - (1 - threshold**rows) ** bands >= target_recall:
+            return bands, rows
+    return num_perm, 1
 
 
 @functools.lru_cache(maxsize=8)

@@ -33,7 +33,7 @@ def add_dedup_arguments(parser: argparse.ArgumentParser) -> None:
                        help="caption dedup by the normalized exact key only, without MinHash LSH")
     group.add_argument("--caption-dup-threshold", type=float, default=DedupConfig.caption_threshold,
                        metavar="JACCARD",
-                       help="Jaccard similarity of caption n-gram sets that counts as a near duplicate (default: 0.8)")
+                       help="Jaccard similarity of caption n-gram sets that counts as a near duplicate (default: 0.9)")
     group.add_argument("--eval-set", action="append", default=[], metavar="[NAME=]PATH",
                        help="evaluation set to decontaminate against: an image folder, or a .jsonl/.csv/.tsv "
                        "manifest with image and caption columns (repeatable)")

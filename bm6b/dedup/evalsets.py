@@ -110,7 +110,7 @@ def _row_captions(row: dict) -> Iterator[str]:
 
 def load_eval_set(spec: str, index: EvalIndex | None = None) -> EvalIndex:
     """Add one evaluation set (folder or manifest, optionally ``NAME=PATH``) to ``index``."""
-    index = index or EvalIndex()
+    index = EvalIndex() if index is None else index
     name, path = _split_name(spec)
     if path.is_dir():
         for file in sorted(path.rglob("*")):

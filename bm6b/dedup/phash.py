@@ -55,6 +55,9 @@ class BandScheme:
                 values = np.arange(256)
                 tables[band_index, byte] |= (((values >> bit) & 1) << out_bit).astype(np.uint64)
         object.__setattr__(self, "_tables", tables)
+        # Narrower lookup tables halve the memory traffic of the array path when bands fit 32 bits.
+        narrow = tables.astype(np.uint32) if max(len(b) for b in self.bands) <= 32 else tables
+        object.__setattr__(self, "_array_tables", narrow)
 
     def band_values(self, code: int) -> list[int]:
         """Return the value of every band for one code."""
@@ -70,12 +73,12 @@ class BandScheme:
         ]
 
     def band_values_array(self, codes: np.ndarray, band: int) -> np.ndarray:
-        """Return one band's values for an array of uint64 codes."""
+        """Return one band's values (uint32 when every band has at most 32 bits) for an array of uint64 codes."""
         codes = np.ascontiguousarray(codes, dtype=np.uint64)
         code_bytes = codes.view(np.uint8).reshape(-1, 8)
         if not np.little_endian:
             code_bytes = code_bytes[:, ::-1]
-        table = self._tables[band]
+        table = self._array_tables[band]
         values = table[0][code_bytes[:, 0]]
         for byte in range(1, 8):
             values |= table[byte][code_bytes[:, byte]]
@@ -223,48 +226,42 @@ def group_forest(members: Iterable[tuple[str, int]], radius: int) -> list[tuple[
 def pairs_to_components(size: int, pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     """Return the component label (smallest member index) of each of ``size`` items, in memory.
 
-    Used by the benchmarks and tests as the single-process reference; the pipeline uses the
-    distributed components in ``bm6b.dedup.components``.
+    The single-process reference for benchmarks and tests (scipy's connected components); the
+    pipeline uses the distributed components in ``bm6b.dedup.components``.
     """
-    parent = np.arange(size)
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def find(x: np.ndarray) -> np.ndarray:
-        while True:
-            up = parent[x]
-            if np.array_equal(up, x):
-                return x
-            x = up
-
-    for rows, cols in pairs:
-        rows = np.asarray(rows)
-        cols = np.asarray(cols)
-        # Hook larger roots under smaller ones until every pair shares a root.
-        while len(rows):
-            ra, rb = find(rows), find(cols)
-            differ = ra != rb
-            ra, rb = ra[differ], rb[differ]
-            low, high = np.minimum(ra, rb), np.maximum(ra, rb)
-            np.minimum.at(parent, high, low)
-            rows, cols = rows[differ], cols[differ]
-    labels = parent.copy()
-    while True:
-        up = labels[labels]
-        if np.array_equal(up, labels):
-            return labels
-        labels = up
+    chunks = list(pairs)
+    rows = np.concatenate([np.asarray(r, dtype=np.int64) for r, _ in chunks]) if chunks else np.empty(0, np.int64)
+    cols = np.concatenate([np.asarray(c, dtype=np.int64) for _, c in chunks]) if chunks else np.empty(0, np.int64)
+    graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(size, size))
+    _, component = connected_components(graph, directed=False)
+    smallest = np.full(component.max() + 1 if size else 0, size, dtype=np.int64)
+    np.minimum.at(smallest, component, np.arange(size))
+    return smallest[component]
 
 
-def candidate_pairs(codes: np.ndarray, scheme: BandScheme) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def candidate_pairs(
+    codes: np.ndarray, scheme: BandScheme, bands: Sequence[int] | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield verified (i, j) index pairs of ``codes`` in one process, band by band.
 
     The single-process twin of the pipeline's band grouping, for benchmarks and tests: it sorts
     each band's values, verifies every group like ``group_forest`` does, and may yield a pair
-    once per band in which it collides.
+    once per band in which it collides. ``bands`` restricts the work to some band indices.
     """
     codes = np.asarray(codes, dtype=np.uint64)
-    for band in range(len(scheme.bands)):
+    for band in range(len(scheme.bands)) if bands is None else bands:
         values = scheme.band_values_array(codes, band)
-        order = np.argsort(values, kind="stable")
+        width = len(scheme.bands[band])
+        if width <= 26:
+            # Counting first leaves only the codes that share their value: few for wide bands.
+            counts = np.bincount(values, minlength=1 << width)
+            candidates = np.flatnonzero(counts[values] > 1)
+            order = candidates[np.argsort(values[candidates], kind="stable")]
+        else:
+            order = np.argsort(values, kind="stable")
         sorted_values = values[order]
         starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
         sizes = np.diff(np.r_[starts, len(order)])

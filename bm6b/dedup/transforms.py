@@ -258,7 +258,7 @@ class DedupCaptions(beam.PTransform):
     caption but its own English caption stays, with both captions.
     """
 
-    def __init__(self, threshold: float = 0.8, rounds: int = DEFAULT_ROUNDS, near: bool = True):
+    def __init__(self, threshold: float = 0.9, rounds: int = DEFAULT_ROUNDS, near: bool = True):
         super().__init__()
         self.config = caption_keys.NearConfig(threshold=threshold)
         self.rounds = rounds

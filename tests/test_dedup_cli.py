@@ -1,0 +1,93 @@
+"""``bm6b dedup`` on shards built from real photos: every step, rejects and stats."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow.parquet as pq
+from PIL import Image, ImageEnhance
+
+from bm6b.cli import main
+from bm6b.filters.image import compute_phash
+from bm6b.pipelines.shards import write_shard
+from bm6b.schemas import make_key, new_record
+
+
+def _jpeg(image: Image.Image, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _record(row: int, image: Image.Image, data: bytes, zh: str | None, en: str | None, url: str) -> dict:
+    import hashlib
+
+    record = new_record(key=make_key("photos.tsv", row), uid=f"{row:032x}", url=url, source="photos.tsv",
+                        source_row=row, caption_zh=zh, caption_en=en)
+    record.update(image=data, sha256=hashlib.sha256(data).hexdigest(), phash=compute_phash(image),
+                  width=image.width, height=image.height, orig_width=image.width, orig_height=image.height)
+    return record
+
+
+def test_dedup_command_on_shards(shared_raw, tmp_path):
+    folder = shared_raw / "flickr8k-images" / "images"
+    names = sorted(p.name for p in folder.iterdir())[:10]
+    photos = [Image.open(folder / name).convert("RGB") for name in names]
+    records = []
+    for row, (name, photo) in enumerate(zip(names, photos)):
+        records.append(_record(row, photo, _jpeg(photo), f"第{row}张照片里的场景", f"scene of photo number {row}",
+                               f"http://127.0.0.1/{name}"))
+    # Row 10: photo 0 again, same bytes (sha256 duplicate). Row 11: photo 1 resized (near duplicate).
+    records.append(_record(10, photos[0], records[0]["image"], None, "another caption", "http://127.0.0.1/copy0.jpg"))
+    small = photos[1].resize((photos[1].width // 2, photos[1].height // 2))
+    records.append(_record(11, small, _jpeg(small, 40), None, "a resized copy", "http://127.0.0.1/copy1.jpg"))
+    # Row 12: same URL as row 2 after normalization. Row 13: a new, smaller image with row 3's captions.
+    records.append(_record(12, photos[2], _jpeg(photos[2], 70), None, "mirror", "HTTP://127.0.0.1:80/" + names[2] + "#x"))
+    dark = ImageEnhance.Brightness(photos[4]).enhance(0.2).rotate(90, expand=True).resize((60, 80))
+    records.append(_record(13, dark, _jpeg(dark), records[3]["caption_zh"], records[3]["caption_en"], "http://127.0.0.1/r13.jpg"))
+    # Photo 5 is in the evaluation set (a re-encoded copy).
+    eval_folder = tmp_path / "evalset"
+    eval_folder.mkdir()
+    photos[5].resize((120, 90)).save(eval_folder / "val_0001.jpg", quality=60)
+
+    shards = tmp_path / "in"
+    shards.mkdir()
+    write_shard(str(shards), 0, records[:7])
+    write_shard(str(shards), 1, records[7:])
+    by_row = {r["source_row"]: r["key"] for r in records}
+
+    out = tmp_path / "out"
+    code = main(["dedup", str(shards), "-o", str(out), "--eval-set", f"mini={eval_folder}", "--runner=FnApiRunner"])
+    assert code == 0
+
+    kept = pq.read_table(sorted(out.glob("[0-9]*.parquet"))).to_pylist()
+    rejects = pq.read_table(sorted((out / "rejects").glob("*.parquet"))).to_pylist()
+    assert len(kept) + len(rejects) == len(records)
+    reasons = {r["key"]: (r["stage"], r["reason"], r["detail"]) for r in rejects}
+    assert reasons == {
+        by_row[12]: ("dedup_url", "duplicate_url", f"same normalized URL as kept key {by_row[2]}"),
+        by_row[10]: ("dedup_image", "duplicate_image", f"same sha256 as kept key {by_row[0]}"),
+        by_row[5]: ("decontam", "eval_contamination", reasons[by_row[5]][2]),
+        by_row[11]: ("dedup_near_image", "near_duplicate_image", reasons[by_row[11]][2]),
+        by_row[13]: ("dedup_caption", "duplicate_caption",
+                     f"caption_zh duplicates kept key {by_row[3]}; caption_en duplicates kept key {by_row[3]}"),
+    }
+    assert reasons[by_row[5]][2].startswith("image within pHash Hamming distance ")
+    assert reasons[by_row[5]][2].endswith(" of eval image mini:val_0001.jpg")
+    assert reasons[by_row[11]][2].startswith(f"near duplicate of kept key {by_row[1]} (pHash Hamming distance ")
+
+    stats = json.loads((out / "stats.json").read_text())
+    assert [s["stage"] for s in stats["stages"]] == [
+        "dedup_url", "dedup_image", "decontam", "dedup_near_image", "dedup_caption", "write"
+    ]
+    assert stats["kept"] == len(kept) == 9
+    assert stats["rejected"] == 5
+
+
+def test_dedup_command_rejects_same_folder(tmp_path, capsys):
+    assert main(["dedup", str(tmp_path), "-o", str(tmp_path)]) == 2
+
+
+def test_dedup_command_without_shards(tmp_path):
+    assert main(["dedup", str(tmp_path / "empty"), "-o", str(tmp_path / "out")]) == 2
