@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from bm6b.dedup.cli import add_dedup_arguments, dedup_config_from_args
+from bm6b.filters.captions import add_caption_arguments, caption_config_from_args
 from bm6b.filters.download import FetchConfig
 from bm6b.filters.image import ENCODE_FORMATS, RESIZE_MODES, ImageConfig
 from bm6b.pipelines import ingest
@@ -121,6 +122,7 @@ def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
     clip.add_argument("--clip-keep-embeddings", action="store_true",
                       help="store float16 image and text embeddings in the Parquet shards (one model only)")
 
+    add_caption_arguments(parser)
     add_dedup_arguments(parser)
 
     out = parser.add_argument_group("output")
@@ -194,6 +196,7 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str):
         clip_top_fraction_zh=args.clip_top_fraction_zh,
         clip_top_fraction_en=args.clip_top_fraction_en,
         clip_keep_embeddings=args.clip_keep_embeddings,
+        captions=caption_config_from_args(args),
         dedup=dedup_config_from_args(args),
         samples_per_shard=args.samples_per_shard,
         overwrite=args.overwrite,

@@ -1,6 +1,7 @@
 """The ``curate`` job: manifests in, WebDataset + Parquet shards, rejects and stats out.
 
-    ReadManifests -> DedupUrls -> Download -> NormalizeCaptions -> LanguageId -> DedupExactImages
+    ReadManifests -> DedupUrls -> Download -> NormalizeCaptions -> LanguageId
+        -> CaptionFrequency -> TranslateCheck (opt-in) -> DedupExactImages
         -> Decontaminate (with eval sets) -> DedupNearImages -> DedupCaptions
         -> ClipScore (when a model is set) -> WriteShards
     every stage's rejects -> rejects/*.parquet
@@ -23,9 +24,11 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from bm6b.dedup import DedupConfig
 from bm6b.dedup.transforms import DedupExactImages, DedupUrls, apply_dedup_steps, dedup_steps
+from bm6b.filters.caption_config import CaptionConfig
 from bm6b.filters.download import FetchConfig
 from bm6b.filters.image import ImageConfig
 from bm6b.pipelines import ingest, progress, stages
+from bm6b.pipelines.caption_stages import apply_caption_stages, caption_stages_run
 from bm6b.pipelines.clip_inference import stage_config_from_curate
 from bm6b.pipelines.img2dataset_input import split_inputs as split_img2dataset_inputs
 from bm6b.pipelines.retry_failed import check_retry_output
@@ -65,6 +68,7 @@ class CurateConfig:
     clip_top_fraction_zh: float | None = None
     clip_top_fraction_en: float | None = None
     clip_keep_embeddings: bool = False  # float16 image and text embeddings in the Parquet output
+    captions: CaptionConfig = dataclasses.field(default_factory=CaptionConfig)
     dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
     samples_per_shard: int = 10_000
     overwrite: bool = False
@@ -81,11 +85,10 @@ def build_pipeline(pipeline: beam.Pipeline, config: CurateConfig) -> None:
         by_url = ingested | "DedupUrl" >> DedupUrls()
         ingested, url_rejects = by_url.records, [by_url.rejects]
     downloaded = ingested | "Download" >> stages.Download(config.fetch, config.image, config.download_threads)
-    normalized = downloaded.records | "Captions" >> stages.NormalizeCaptions()
-    identified = normalized.records | "LanguageId" >> stages.LanguageId()
-    unique = identified.records | "DedupImage" >> DedupExactImages()
+    captioned, caption_rejects = apply_caption_stages(downloaded.records, config.captions)
+    unique = captioned | "DedupImage" >> DedupExactImages()
     records, dedup_rejects = apply_dedup_steps(unique.records, config.dedup)
-    stage_rejects = [read.rejects, *url_rejects, downloaded.rejects, normalized.rejects, identified.rejects,
+    stage_rejects = [read.rejects, *url_rejects, downloaded.rejects, *caption_rejects,
                      unique.rejects, *dedup_rejects]
     clip_config = stage_config_from_curate(config)
     if clip_config is not None:
@@ -219,4 +222,5 @@ def _stages_run(config: CurateConfig) -> list[str]:
     if not config.dedup.urls:
         skipped.add("dedup_url")
     skipped |= {"decontam", "dedup_near_image", "dedup_caption"} - set(dedup_steps(config.dedup))
+    skipped |= {"caption_frequency", "translate"} - set(caption_stages_run(config.captions))
     return [s for s in STAGE_ORDER if s not in skipped]

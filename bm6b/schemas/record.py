@@ -29,6 +29,12 @@ RECORD_SCHEMA = pa.schema(
         pa.field("lid_zh_score", pa.float32()),
         pa.field("lid_en", pa.string()),
         pa.field("lid_en_score", pa.float32()),
+        pa.field("lid_zh_mixed", pa.bool_()),  # the caption mixes languages (second label above the mixed threshold)
+        pa.field("lid_en_mixed", pa.bool_()),
+        pa.field("zh_script", pa.string()),  # simplified, traditional, both or mixed (hanzidentifier)
+        pa.field("caption_zh_original", pa.string()),  # before traditional -> simplified conversion, when converted
+        pa.field("caption_issues", pa.list_(pa.string())),  # captions dropped from a kept row, with the rule
+        pa.field("translate_score", pa.float32()),  # combined translate-check score, when the check ran
         pa.field("width", pa.int32()),  # of the stored (resized) image
         pa.field("height", pa.int32()),
         pa.field("orig_width", pa.int32()),  # of the decoded original, after EXIF orientation
