@@ -302,10 +302,10 @@ def stage_config_from_curate(config) -> ClipStageConfig | None:
         return None
 
     min_score, top_fraction = {}, {}
-    for language in models:
+    for language in LANGUAGES:
         score = getattr(config, f"clip_min_score_{language}")
         fraction = getattr(config, f"clip_top_fraction_{language}")
-        if score is None and fraction is None:
+        if score is None and fraction is None and language in models:
             score, fraction = config.clip_min_score, config.clip_top_fraction
         if score is not None:
             min_score[language] = score
