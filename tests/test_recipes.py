@@ -168,18 +168,33 @@ def test_baseline_keeps_small_images(baseline):
     assert UNDER_200_PX <= {file_of(r) for r in kept}
 
 
-@pytest.mark.parametrize("name", ["bm6b-default", "datacomp-basic", "wukong-like"])
-def test_image_recipes_on_sample(sample_manifest, baseline, tmp_path, name):
+# Checked by hand from bm6b/sample/captions.tsv: datacomp-basic's 3-word minimum drops the English
+# captions "Coffee cup.", "Human retina.", "Brick wall.", "military uniform" and "Animated GIF.".
+# The coffee and retina rows keep their Chinese captions (4 and 5 characters); 砖墙 and 军装 have 2,
+# below the default minimum of 4, and the GIF has none, so those three rows are rejected.
+SHORT_ENGLISH_ONLY = {"skimage_brick.png", "matplotlib_grace_hopper.jpg", "pillow_chi.gif"}
+DROPPED = {
+    "bm6b-default": (set(), set()),
+    "datacomp-basic": (UNDER_200_PX, SHORT_ENGLISH_ONLY),
+    "wukong-like": (UNDER_200_PX, set()),  # its max_caption_repeats of 10 is also the default
+}
+
+
+@pytest.mark.parametrize("name", sorted(DROPPED))
+def test_filter_recipes_on_sample(sample_manifest, baseline, tmp_path, name):
     manifest, rows = sample_manifest
     base_stats, base_kept = baseline
     stats, kept = run_curate_cli(manifest, tmp_path / "out", "--recipe", name)
 
-    dropped = set() if name == "bm6b-default" else UNDER_200_PX
+    too_small, caption_filtered = DROPPED[name]
+    dropped = too_small | caption_filtered
     assert {file_of(r) for r in kept} == {file_of(r) for r in base_kept} - dropped
     assert stats["input_rows"] == rows == 33
     assert stats["kept"] == base_stats["kept"] - len(dropped)
     assert stats["rejected"] == base_stats["rejected"] + len(dropped)
-    assert stats["rejects_by_reason"].get("too_small", 0) == len(dropped)
+    reasons, base_reasons = stats["rejects_by_reason"], base_stats["rejects_by_reason"]
+    assert reasons.get("too_small", 0) == len(too_small)
+    assert reasons.get("caption_filtered", 0) == base_reasons.get("caption_filtered", 0) + len(caption_filtered)
 
 
 def test_laion_recipe_on_sample(sample_manifest, baseline, tmp_path):
