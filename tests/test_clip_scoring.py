@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from bm6b.filters.clip import ClipThresholds
-from bm6b.models.loading import RANDOM_INIT_SEED, load_clip, load_transforms
+from bm6b.filters.clip import ClipScorer
+from bm6b.models.loading import RANDOM_INIT_SEED, ClipSource, load_clip, load_transforms, resolve_source
 from bm6b.pipelines.clip_inference import ClipModelSpec, ClipStageConfig, OpenClipModelHandler
 from clip_helpers import CAPTIONS, make_jpeg, make_records, open_clip_model, reference_scores, run_clip_stage
 
@@ -186,7 +187,29 @@ def test_handler_scores_without_beam(records):
     assert handler.get_num_bytes(examples) == 3 * 3 * 64 * 64 * 4 + (2 + 2 + 1) * 77 * 8
 
 
+def test_scorer_without_beam(records):
+    batch = [dict(r) for r in records[:4]]
+    batch[2]["image"] = b"broken"
+    failed = ClipScorer(TINY).score_batch(batch)
+
+    assert [(r["key"], reason) for r, (reason, _) in failed] == [(records[2]["key"], "decode_error")]
+    expected = reference_scores(*open_clip_model(TINY, seed=RANDOM_INIT_SEED), records[:4])
+    for record in (batch[0], batch[1], batch[3]):
+        assert record["clip_model"] == "bm6b-tiny:random-init"
+        for language, score in expected[record["key"]].items():
+            assert record[f"clip_score_{language}"] == pytest.approx(score, abs=TOLERANCE)
+    assert "clip_score_en" not in batch[2]
+
+
 # ---------------------------------------------------------------- loader
+
+
+def test_pretrained_tag_resolves_without_download():
+    # Only the name lookup and the tag's preprocessing settings run here; loading the weights
+    # would go through open_clip's hub download.
+    assert resolve_source("ViT-B-32", "laion2b_s34b_b79k") == ClipSource("ViT-B-32", pretrained_tag="laion2b_s34b_b79k")
+    preprocess, _ = load_transforms("ViT-B-32", "laion2b_s34b_b79k")
+    assert preprocess.transforms[0].size == 224
 
 
 def test_load_transforms_match_load_clip(checkpoint_files):

@@ -283,6 +283,7 @@ def _create_model(source: ClipSource, device: str):
         with torch.device("meta"):
             return open_clip.create_model(source.model_name, device="meta", load_weights=False, **overrides)
     if source.pretrained_tag:
+        # NOTE: bm6b's tests resolve tags but never load one, because that needs the hub or a filled cache.
         return open_clip.create_model(source.model_name, pretrained=source.pretrained_tag)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)

@@ -110,7 +110,7 @@ def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
     clip.add_argument("--clip-min-batch-size", type=int, default=1,
                       help="minimum images per model call; Beam grows batches between the two (default: 1)")
     clip.add_argument("--clip-min-score", type=float, metavar="COSINE",
-                      help="reject captions scoring below this cosine similarity, in every scored language")
+                      help="reject samples with a caption scoring below this cosine similarity, in every scored language")
     clip.add_argument("--clip-top-fraction", type=float, metavar="F",
                       help="keep the top F (0 < F <= 1) of each language's scores over the run, e.g. 0.3; "
                       "computed in a first pass with approximate quantiles (0.1%% resolution)")
