@@ -8,7 +8,7 @@ and per-group verification the Beam steps use, driven by numpy in one process) a
 it runs on a random subset of queries and its full time is extrapolated linearly in the query
 count (each query scans all N codes). Recall is measured on the pairs of that subset.
 
-    python benchmarks/dedup_scaling.py --sizes 1000000 10000000 --radius 8 --repeats 3
+    python benchmarks/dedup_scaling.py --sizes 1000000 10000000 --radius 6 --bits 22 --repeats 3 1
 """
 
 from __future__ import annotations
@@ -56,9 +56,17 @@ def _band_worker(bands: list[int]) -> np.ndarray:
     return np.unique(np.concatenate(keys)) if keys else np.empty(0, dtype=np.uint64)
 
 
+def cpu_seconds() -> float:
+    """Return CPU seconds used by this process and its finished children (user + system)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def run_banded(codes: np.ndarray, scheme: ph.BandScheme, workers: int):
     """Find pairs with ``workers`` processes, each taking every ``workers``-th band, like Beam workers would."""
     started = time.perf_counter()
+    cpu_started = cpu_seconds()
     _WORKER_STATE.update(codes=codes, scheme=scheme)
     band_sets = [list(range(w, len(scheme.bands), workers)) for w in range(workers)]
     with multiprocessing.get_context("fork").Pool(workers) as pool:
@@ -68,17 +76,18 @@ def run_banded(codes: np.ndarray, scheme: ph.BandScheme, workers: int):
     pairs_found = time.perf_counter()
     labels = ph.pairs_to_components(len(codes), [(rows, cols)])
     finished = time.perf_counter()
-    return rows, cols, labels, pairs_found - started, finished - started
+    return rows, cols, labels, pairs_found - started, finished - started, cpu_seconds() - cpu_started
 
 
 def run_brute_force(codes: np.ndarray, radius: int, queries: np.ndarray):
     started = time.perf_counter()
+    cpu_started = cpu_seconds()
     rows_list, cols_list = [], []
     for rows, cols in ph.brute_force_pairs(codes, radius, queries):
         rows_list.append(rows)
         cols_list.append(cols)
     elapsed = time.perf_counter() - started
-    return np.concatenate(rows_list), np.concatenate(cols_list), elapsed
+    return np.concatenate(rows_list), np.concatenate(cols_list), elapsed, cpu_seconds() - cpu_started
 
 
 def pair_keys(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -90,17 +99,19 @@ def measure(n: int, radius: int, candidates: str, bits: int, queries: int, repea
             workers: int) -> dict:
     codes = planted_codes(n, radius, clustered_fraction=0.2, seed=seed)
     scheme = ph.make_scheme(radius, candidates, bits)
-    banded_times, pair_times = [], []
+    banded_times, pair_times, banded_cpu = [], [], []
     for _ in range(repeats):
-        rows, cols, labels, pair_time, total_time = run_banded(codes, scheme, workers)
+        rows, cols, labels, pair_time, total_time, cpu_time = run_banded(codes, scheme, workers)
         banded_times.append(total_time)
         pair_times.append(pair_time)
+        banded_cpu.append(cpu_time)
 
     query_ids = np.sort(np.random.default_rng(seed + 1).choice(n, size=min(queries, n), replace=False))
-    brute_times = []
+    brute_times, brute_cpu = [], []
     for _ in range(repeats):
-        brute_rows, brute_cols, brute_time = run_brute_force(codes, radius, query_ids)
+        brute_rows, brute_cols, brute_time, cpu_time = run_brute_force(codes, radius, query_ids)
         brute_times.append(brute_time)
+        brute_cpu.append(cpu_time)
 
     # Recall on the pairs that have a subset query as one endpoint.
     in_subset = np.zeros(n, dtype=bool)
@@ -132,6 +143,9 @@ def measure(n: int, radius: int, candidates: str, bits: int, queries: int, repea
         "brute_subset_s": round(statistics.median(brute_times), 2),
         "brute_full_s_extrapolated": round(brute_full, 1),
         "speedup": round(brute_full / banded, 1),
+        "banded_cpu_s": round(statistics.median(banded_cpu), 1),
+        "brute_full_cpu_s_extrapolated": round(statistics.median(brute_cpu) * n / len(query_ids), 1),
+        "speedup_cpu": round(statistics.median(brute_cpu) * n / len(query_ids) / statistics.median(banded_cpu), 1),
         "pairs_found": int(len(pair_keys(rows, cols))),
         "reference_pairs_in_subset": int(len(reference)),
         "pair_recall": round(pair_recall, 5),
@@ -149,7 +163,8 @@ def main() -> None:
     parser.add_argument("--candidates", nargs="+", default=["sampled"], choices=["pigeonhole", "sampled"])
     parser.add_argument("--bits", type=int, default=22, help="bits per table of the sampled scheme")
     parser.add_argument("--queries", type=int, default=20_000, help="brute-force query subset size")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, nargs="+", default=[3],
+                        help="runs per size (one value, or one per size); the median is reported")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=faiss.omp_get_max_threads(),
                         help="processes for the banded search (default: faiss's thread count, for equal cores)")
@@ -159,9 +174,10 @@ def main() -> None:
     logger.info("faiss threads: %d", faiss.omp_get_max_threads())
 
     results = []
+    repeats = args.repeats * len(args.sizes) if len(args.repeats) == 1 else args.repeats
     for candidates in args.candidates:
-        for n in args.sizes:
-            result = measure(n, args.radius, candidates, args.bits, args.queries, args.repeats, args.seed,
+        for n, size_repeats in zip(args.sizes, repeats):
+            result = measure(n, args.radius, candidates, args.bits, args.queries, size_repeats, args.seed,
                              args.workers)
             logger.info("%s", json.dumps(result))
             results.append(result)

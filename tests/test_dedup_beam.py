@@ -66,7 +66,9 @@ def test_components_of_chain_star_and_pair():
     assert {labels[f"c{i:03d}"] for i in range(1, 61)} == {"c000"}
     assert {labels[f"s{i:02d}"] for i in range(1, 30)} == {"s00"}
     assert labels["p2"] == "p1"
-    assert "c000" not in labels and "s00" not in labels and "p1" not in labels
+    assert "c000" not in labels
+    assert "s00" not in labels
+    assert "p1" not in labels
 
 
 def test_dedup_urls_keeps_bilingual_row():

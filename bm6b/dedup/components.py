@@ -1,17 +1,18 @@
 """Connected components in Beam with alternating large-star and small-star rounds.
 
-Nodes are strings; each component's label is its smallest node. The method is the
-large-star / small-star scheme of Kiveris et al., "Connected Components in MapReduce and
-Beyond" (SoCC 2014): every round is one ``GroupByKey`` over the current edges, each edge
-incidence produces at most one output edge (so the edge count never grows), and the edges
-converge to one star per component, centered on its smallest node, within O(log^2 n) rounds.
+Nodes are strings, and each component's label is its smallest node. Every round is one
+``GroupByKey`` over the current edges. Large-star links each node's larger neighbors to the
+smallest node of its neighborhood, and small-star links a node and its smaller neighbors to the
+smallest of them. Each edge incidence produces at most one output edge, so the edge count never
+grows, and the edges converge to one star per component, centered on its smallest node.
 
 Beam graphs have no loops, so ``rounds`` pairs of rounds are unrolled when the pipeline is
-built. Memory per worker: one key's neighbor list, iterated twice and never copied, so on a
-runner with lazily loaded iterables (Dataflow) even the center of a giant star streams. A
-component that has not converged after the last round is reported by the counter
-``bm6b/components.unconverged`` and splits into several clusters, each keeping its own
-smallest node. That keeps extra duplicates but never merges two components.
+built. The tests check that a shuffled chain of 61 nodes converges within 8 pairs. Memory per
+worker is one key's neighbor list, iterated twice and never copied, so on a runner with lazily
+loaded iterables (Dataflow) even the center of a giant star streams. A component that has not
+converged after the last round is counted by ``bm6b/components.unconverged`` and splits into
+several clusters, each keeping its own smallest node. That keeps extra duplicates but never
+merges two components.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Candidate generation groups codes by (band, band value). Two schemes exist:
   ``N / 2 ** (64 / (radius + 1))`` random codes, so the work grows with ``N ** 2`` at large N.
 * ``sampled`` (approximate): ``tables`` groups of ``bits`` randomly chosen bit positions (bit
   sampling LSH). A pair at distance d collides in one table with probability
-  ``C(64 - d, bits) / C(64, bits)``; the table count is chosen so that a pair at exactly
+  ``C(64 - d, bits) / C(64, bits)``. The table count is chosen so that a pair at exactly
   ``radius`` is found with probability ``target_recall``. With ``bits`` close to ``log2 N``
   groups stay small and the work grows close to linearly.
 
@@ -30,8 +30,10 @@ HASH_BITS = 64
 
 # Groups with more distinct codes than this are verified with faiss instead of numpy pairs.
 FAISS_MIN_GROUP = 2048
-# Query rows per faiss range search, so a group whose codes all match bounds its result memory.
+# Query rows per faiss range search, at most; a chunk covers at most FAISS_MAX_RESULTS candidate
+# pairs, so a group whose codes all match keeps about 200 MB of results in memory at a time.
 FAISS_QUERY_CHUNK = 4096
+FAISS_MAX_RESULTS = 1 << 24
 
 
 def hamming(a: int, b: int) -> int:
@@ -180,9 +182,10 @@ def _faiss_pairs(codes: np.ndarray, radius: int) -> Iterator[tuple[np.ndarray, n
     packed = to_faiss_codes(codes)
     index = faiss.IndexBinaryFlat(HASH_BITS)
     index.add(packed)
-    for start in range(0, len(codes), FAISS_QUERY_CHUNK):
+    chunk = max(1, min(FAISS_QUERY_CHUNK, FAISS_MAX_RESULTS // len(codes)))
+    for start in range(0, len(codes), chunk):
         # faiss returns distances strictly below the given radius.
-        limits, _, labels = index.range_search(packed[start : start + FAISS_QUERY_CHUNK], radius + 1)
+        limits, _, labels = index.range_search(packed[start : start + chunk], radius + 1)
         rows = np.repeat(np.arange(len(limits) - 1) + start, np.diff(limits).astype(np.int64))
         upper = labels > rows
         yield rows[upper], labels[upper]

@@ -4,9 +4,9 @@ Preference order, first difference wins:
 
 1. the sample has both a Chinese and an English caption;
 2. the larger original image (``orig_width * orig_height``, else ``width * height``);
-3. the higher CLIP score (the larger of ``clip_score_zh`` and ``clip_score_en``; a sample with
-   no score ranks below any scored one, which is the case inside ``curate``, where dedup runs
-   before scoring);
+3. the higher CLIP score, the larger of ``clip_score_zh`` and ``clip_score_en``. A sample
+   without a score ranks below any scored one. Inside ``curate`` no sample has a score yet,
+   because dedup runs before scoring;
 4. the smaller ``key``.
 
 ``node_id`` encodes that order in a string, so the lexicographically smallest node of a
