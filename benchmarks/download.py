@@ -3,16 +3,19 @@
 The same photos are served from memory by a keep-alive HTTP/1.1 server on 127.0.0.1 (its own
 process), then fetched, decoded, centre-cropped to 256x256 and encoded as JPEG quality 95 by:
 
-- ``bare``: a Pillow loop over the bytes already in memory (no network, no checks), on 1 and on
-  N threads (N = --cores); the N-thread loop is the ceiling;
+- ``bare``: a Pillow loop over the bytes already in memory (no network, no checks), in 1 and in
+  N processes (N = --cores); the N-process loop is the ceiling;
 - ``bm6b``: ``RecordDownloader`` (fetch with all guards, decode with orientation/ICC/alpha
-  handling, pHash, resize, encode) on a thread pool in one process, writing a tar;
-- ``bm6b-beam``: the same through the ``Download`` PTransform on Beam's in-process FnApiRunner;
-- ``img2dataset``: ``img2dataset.download`` with --cores processes, webdataset output.
+  handling, pHash, resize, encode) on a thread pool in each of --bm6b-processes processes
+  (default 1, like one Beam worker), writing tars;
+- ``bm6b-beam``: the ``Download`` PTransform on Beam's FnApiRunner (multi_processing when
+  --bm6b-processes is above 1);
+- ``img2dataset``: ``img2dataset.download`` with N processes, webdataset output.
 
 Each contender runs in a fresh Python process, in rotating order, ``--repeats`` times; the table
-reports the median. "work" rates exclude interpreter start-up and imports (for img2dataset: the
-span of its shard timings); "wall" rates include them.
+reports the median. "work" rates exclude interpreter start-up and imports: the span from the first
+process starting its slice (its shard, for img2dataset) to the last one finishing. For bm6b-beam,
+work includes Beam's worker start-up. "wall" rates include everything.
 
     python benchmarks/download.py --images-dir ../shared/data/raw/flickr8k-images/images
 """
@@ -77,11 +80,10 @@ def serve(folder: str, names: list[str], port_pipe) -> None:
 # ---------------------------------------------------------------- contenders (each run in a fresh process)
 
 BARE = """
-import io, json, sys, time, concurrent.futures
+import io, json, multiprocessing, sys, time
 from pathlib import Path
 from PIL import Image
-folder, names, threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-datas = [(Path(folder) / n).read_bytes() for n in names]
+folder, names, processes = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
 
 def work(data):
     image = Image.open(io.BytesIO(data)).convert("RGB")
@@ -93,37 +95,54 @@ def work(data):
     image.save(out, format="JPEG", quality=95)
     return len(out.getvalue())
 
-started = time.perf_counter()
-if threads == 1:
+def run_slice(index):
+    datas = [(Path(folder) / n).read_bytes() for n in names[index::processes]]
+    started, cpu = time.time(), time.process_time()
     sizes = [work(d) for d in datas]
-else:
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        sizes = list(pool.map(work, datas))
-print(json.dumps({"ok": len(sizes), "work_s": time.perf_counter() - started}))
+    return len(sizes), started, time.time(), time.process_time() - cpu
+
+if __name__ == "__main__":
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        spans = pool.map(run_slice, range(processes))
+    work_s = max(s[2] for s in spans) - min(s[1] for s in spans)
+    print(json.dumps({"ok": sum(s[0] for s in spans), "work_s": work_s, "cpu_s": sum(s[3] for s in spans)}))
 """
 
 BM6B = """
-import concurrent.futures, io, json, sys, tarfile, time
+import concurrent.futures, io, json, multiprocessing, sys, tarfile, time
 from bm6b.filters.download import FetchConfig
 from bm6b.filters.download_record import RecordDownloader, iter_download
 from bm6b.filters.image import ImageConfig
-urls, threads, out = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-downloader = RecordDownloader(FetchConfig(allow_networks=("127.0.0.0/8",), host_concurrency=0),
-                              ImageConfig(image_size=256, resize_mode="center_crop", jpeg_quality=95))
-records = [{"key": f"{i:016x}", "url": u} for i, u in enumerate(urls)]
-started = time.perf_counter()
-ok = 0
-reasons = {}
-with tarfile.open(out, "w") as tar, concurrent.futures.ThreadPoolExecutor(threads) as pool:
-    for record, reason, _ in iter_download(downloader, records, pool, max_in_flight=threads * 4):
-        if reason is not None:
-            reasons[reason] = reasons.get(reason, 0) + 1
-            continue
-        ok += 1
-        info = tarfile.TarInfo(record["key"] + ".jpg")
-        info.size = len(record["image"])
-        tar.addfile(info, io.BytesIO(record["image"]))
-print(json.dumps({"ok": ok, "work_s": time.perf_counter() - started, "rejects": reasons}))
+urls, threads, out, processes = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+
+def run_slice(index):
+    downloader = RecordDownloader(FetchConfig(allow_networks=("127.0.0.0/8",), host_concurrency=0),
+                                  ImageConfig(image_size=256, resize_mode="center_crop", jpeg_quality=95))
+    records = [{"key": f"{i:016x}", "url": u} for i, u in enumerate(urls)][index::processes]
+    started, cpu = time.time(), time.process_time()
+    ok, reasons = 0, {}
+    with tarfile.open(f"{out}.{index}", "w") as tar, concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        for record, reason, _ in iter_download(downloader, records, pool, max_in_flight=threads * 4):
+            if reason is not None:
+                reasons[reason] = reasons.get(reason, 0) + 1
+                continue
+            ok += 1
+            info = tarfile.TarInfo(record["key"] + ".jpg")
+            info.size = len(record["image"])
+            tar.addfile(info, io.BytesIO(record["image"]))
+    return ok, started, time.time(), reasons, time.process_time() - cpu
+
+if __name__ == "__main__":
+    # fork after the imports, as img2dataset's pool processes are each started before their shard's timer.
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        spans = pool.map(run_slice, range(processes))
+    work_s = max(s[2] for s in spans) - min(s[1] for s in spans)
+    rejects = {}
+    for span in spans:
+        for reason, count in span[3].items():
+            rejects[reason] = rejects.get(reason, 0) + count
+    print(json.dumps({"ok": sum(s[0] for s in spans), "work_s": work_s, "rejects": rejects,
+                      "cpu_s": sum(s[4] for s in spans)}))
 """
 
 BM6B_BEAM = """
@@ -133,13 +152,17 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from bm6b.filters.download import FetchConfig
 from bm6b.filters.image import ImageConfig
 from bm6b.pipelines import stages
-urls, threads, out = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+urls, threads, out, processes = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 records = [{"key": f"{i:016x}", "url": u} for i, u in enumerate(urls)]
 fetch = FetchConfig(allow_networks=("127.0.0.0/8",), host_concurrency=0)
 image = ImageConfig(image_size=256, resize_mode="center_crop", jpeg_quality=95)
+options = ["--runner=FnApiRunner"]
+if processes > 1:
+    options += ["--direct_running_mode=multi_processing", f"--direct_num_workers={processes}"]
 started = time.perf_counter()
-with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as pipeline:
-    result = pipeline | beam.Create(records) | stages.Download(fetch, image, threads=threads)
+with beam.Pipeline(options=PipelineOptions(options)) as pipeline:
+    result = (pipeline | beam.Create(records) | beam.Reshuffle()
+              | stages.Download(fetch, image, threads=threads))
     _ = (result.records | beam.Map(lambda r: 1) | beam.CombineGlobally(sum)
          | beam.Map(lambda n: open(out, "w").write(str(n))))
 print(json.dumps({"ok": int(open(out).read()), "work_s": time.perf_counter() - started}))
@@ -167,6 +190,99 @@ if __name__ == "__main__":
 """
 
 
+def profile_steps(folder: Path, names: list[str], repeats: int = 3) -> dict[str, float]:
+    """Return single-thread milliseconds per image for each step, best of ``repeats`` (no network).
+
+    Best-of timing keeps the number close to the code's own cost on a machine shared with other jobs.
+    """
+    import hashlib
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from bm6b.filters.image import ImageConfig, compute_phash, decode_image, encode, process_image, resize
+
+    config = ImageConfig(image_size=256, resize_mode="center_crop", jpeg_quality=95)
+    datas = [(folder / name).read_bytes() for name in names]
+
+    def bare(data):
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        width, height = image.size
+        side = min(width, height)
+        box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
+        image = image.resize((256, 256), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
+        image.save(io.BytesIO(), format="JPEG", quality=95)
+
+    decoded = [decode_image(d, config)[0] for d in datas]
+    resized = [resize(image, config) for image in decoded]
+    steps = {
+        "bare Pillow loop": (bare, datas),
+        "bm6b process_image (all below)": (lambda d: process_image(d, config), datas),
+        "  sha256 of the original": (lambda d: hashlib.sha256(d).hexdigest(), datas),
+        "  sniff + decode + sRGB + orientation": (lambda d: decode_image(d, config), datas),
+        "  pHash": (compute_phash, decoded),
+        "  centre crop + LANCZOS resize": (lambda image: resize(image, config), decoded),
+        "  JPEG q95 encode": (lambda image: encode(image, config), resized),
+    }
+    try:
+        os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+        import cv2
+
+        def opencv(data):
+            array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+            height, width = array.shape[:2]
+            side = min(width, height)
+            top, left = (height - side) // 2, (width - side) // 2
+            array = array[top : top + side, left : left + side]
+            interpolation = cv2.INTER_LANCZOS4 if side < 256 else cv2.INTER_AREA
+            cv2.imencode(".jpg", cv2.resize(array, (256, 256), interpolation=interpolation),
+                         [int(cv2.IMWRITE_JPEG_QUALITY), 95])
+
+        steps["OpenCV loop as in img2dataset's resizer"] = (opencv, datas)
+    except ImportError:
+        pass
+
+    costs = {}
+    for name, (function, items) in steps.items():
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for item in items:
+                function(item)
+            best = min(best, (time.perf_counter() - started) / len(items))
+        costs[name] = best * 1000
+    return costs
+
+
+IMG2DATASET_INPROC = """
+import json, os, sys, time
+os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
+import pyarrow as pa
+from img2dataset.downloader import Downloader
+from img2dataset.resizer import Resizer
+from img2dataset.writer import WebDatasetSampleWriter
+urls, threads, out = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+os.makedirs(out)
+table = pa.table({"url": urls})
+shard = os.path.join(out, "shard.feather")
+with pa.OSFile(shard, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+    writer.write_table(table)
+downloader = Downloader(
+    sample_writer_class=WebDatasetSampleWriter, resizer=Resizer(image_size=256, resize_mode="center_crop",
+    resize_only_if_bigger=False, encode_quality=95), thread_count=threads, save_caption=False,
+    extract_exif=True, output_folder=out, column_list=["url"], timeout=10, number_sample_per_shard=len(urls),
+    oom_shard_count=5, compute_hash="sha256", verify_hash_type=None, encode_format="jpg", retries=0,
+    user_agent_token=None, disallowed_header_directives=["noai", "noimageai", "noindex", "noimageindex"],
+)
+started, cpu = time.perf_counter(), time.process_time()
+downloader((0, shard))
+work_s, cpu_s = time.perf_counter() - started, time.process_time() - cpu
+stats = json.load(open(os.path.join(out, "00000_stats.json")))
+print(json.dumps({"ok": stats["successes"], "work_s": work_s, "cpu_s": cpu_s}))
+"""
+
+
 def run_contender(name: str, script: str, args: list[str], workdir: Path, cores: str) -> dict:
     path = workdir / f"contender_{name.replace('-', '_')}.py"  # "bm6b.py" would shadow the package
     path.write_text(textwrap.dedent(script))
@@ -191,11 +307,20 @@ def main() -> None:
                         help="cores for every contender, pinned with taskset (default: all)")
     parser.add_argument("--threads", type=int, default=4,
                         help="download threads per process for bm6b and img2dataset; loopback needs few (default: %(default)s)")
+    parser.add_argument("--bm6b-processes", type=int, default=1,
+                        help="processes for bm6b and bm6b-beam; 1 means one worker with a thread pool (default: %(default)s)")
     parser.add_argument("--skip", action="append", default=[], help="skip a contender (bare, bm6b, bm6b-beam, img2dataset)")
     parser.add_argument("--json", help="write all runs and medians to this file")
+    parser.add_argument("--profile", action="store_true", help="print per-step costs instead of running the contenders")
     args = parser.parse_args()
 
     folder = Path(args.images_dir)
+    if args.profile:
+        names = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))[: args.images]
+        print(f"single-thread ms per image, best of 3, {len(names)} photos")
+        for name, cost in profile_steps(folder, names).items():
+            print(f"{name:<42}{cost:8.2f}")
+        return
     if not folder.is_dir():
         sys.exit(f"images folder {folder} not found; pass --images-dir")
     names = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))[: args.images]
@@ -217,8 +342,10 @@ def main() -> None:
         contenders = {
             "bare-1": (BARE, [str(folder), json.dumps(names), "1"]),
             f"bare-{args.cores}": (BARE, [str(folder), json.dumps(names), str(args.cores)]),
-            "bm6b": (BM6B, [json.dumps(urls), str(args.threads), str(work / "bm6b.tar")]),
-            "bm6b-beam": (BM6B_BEAM, [json.dumps(urls), str(args.threads), str(work / "beam.txt")]),
+            "bm6b": (BM6B, [json.dumps(urls), str(args.threads), str(work / "bm6b.tar"), str(args.bm6b_processes)]),
+            "bm6b-beam": (BM6B_BEAM, [json.dumps(urls), str(args.threads), str(work / "beam.txt"),
+                                      str(args.bm6b_processes)]),
+            "img2dataset-1proc": (IMG2DATASET_INPROC, [json.dumps(urls), str(args.threads), "OUT"]),
             "img2dataset": (IMG2DATASET, [str(work / "urls.parquet"), "OUT", str(args.cores), str(args.threads),
                                           str(-(-len(urls) // args.cores))]),
         }
@@ -228,10 +355,10 @@ def main() -> None:
             rotated = order[repeat % len(order):] + order[: repeat % len(order)]
             for name in rotated:
                 script, script_args = contenders[name]
-                script_args = [str(work / f"i2d-{repeat}") if a == "OUT" else a for a in script_args]
+                script_args = [str(work / f"{name}-{repeat}") if a == "OUT" else a for a in script_args]
                 result = run_contender(name, script, script_args, work, cores)
                 runs.setdefault(name, []).append(result)
-                print(f"run {repeat + 1} {name:<12} ok={result['ok']:<5} work {result['work_s']:7.2f}s "
+                print(f"run {repeat + 1} {name:<18} ok={result['ok']:<5} work {result['work_s']:7.2f}s "
                       f"wall {result['wall_s']:7.2f}s", flush=True)
     server.kill()
 
@@ -240,15 +367,19 @@ def main() -> None:
         work_s = statistics.median(r["work_s"] for r in results)
         wall_s = statistics.median(r["wall_s"] for r in results)
         ok = min(r["ok"] for r in results)
-        medians[name] = {"ok": ok, "work_rate": ok / work_s, "wall_rate": ok / wall_s, "work_s": work_s, "wall_s": wall_s}
+        cpu = [r["cpu_s"] for r in results if r.get("cpu_s") is not None]
+        cpu_ms = 1000 * statistics.median(cpu) / ok if cpu and ok else None
+        medians[name] = {"ok": ok, "work_rate": ok / work_s, "wall_rate": ok / wall_s, "work_s": work_s,
+                         "wall_s": wall_s, "cpu_ms_per_image": cpu_ms}
 
     print(f"\n{len(names)} photos from {folder}, {args.cores} core(s), {args.threads} threads, median of {args.repeats}")
-    print(f"{'contender':<14}{'ok':>6}{'work img/s':>12}{'wall img/s':>12}")
+    print(f"{'contender':<18}{'ok':>6}{'work img/s':>12}{'wall img/s':>12}{'CPU ms/img':>12}")
     for name, m in medians.items():
-        print(f"{name:<14}{m['ok']:>6}{m['work_rate']:>12.1f}{m['wall_rate']:>12.1f}")
+        cpu_ms = f"{m['cpu_ms_per_image']:.2f}" if m["cpu_ms_per_image"] is not None else "-"
+        print(f"{name:<18}{m['ok']:>6}{m['work_rate']:>12.1f}{m['wall_rate']:>12.1f}{cpu_ms:>12}")
     if "bm6b" in medians:
         bm6b = medians["bm6b"]["work_rate"]
-        for peer in ("img2dataset", f"bare-{args.cores}", "bare-1"):
+        for peer in ("img2dataset", "img2dataset-1proc", f"bare-{args.cores}", "bare-1"):
             if peer in medians:
                 print(f"bm6b / {peer}: {bm6b / medians[peer]['work_rate']:.2f}x (work rate)")
     if args.json:

@@ -2,7 +2,7 @@
 
 Bound: with at least as many threads as URLs, every URL finishes within ``DEADLINE`` seconds of
 its first request (the fetcher's total deadline covers redirects, retries and backoff), plus
-decode time. The job below must finish within ``JOB_BOUND`` seconds; the check is a hang guard
+decode time. The job below must finish within ``JOB_BOUND`` seconds. That check is a hang guard
 with generous slack for a loaded CI machine, not a speed test.
 """
 

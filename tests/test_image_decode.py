@@ -113,7 +113,8 @@ def test_torture_file_outcome(dirty, name):
         assert decoded.format == "JPEG"
         assert decoded.mode == "RGB"
         assert decoded.size == (result.width, result.height)
-        assert result.orig_width > 0 and result.orig_height > 0
+        assert result.orig_width > 0
+        assert result.orig_height > 0
     else:
         assert result.jpeg is None
         assert result.detail
@@ -159,8 +160,10 @@ def test_orientation_6_turns_generated_image():
     top, bottom = pixels(image)[5, 10], pixels(image)[35, 10]
 
     assert size == (20, 40)
-    assert top[0] > 200 and top[2] < 60  # the red left half is now on top
-    assert bottom[2] > 200 and bottom[0] < 60
+    assert top[0] > 200  # the red left half is now on top
+    assert top[2] < 60
+    assert bottom[2] > 200
+    assert bottom[0] < 60
 
 
 # ---------------------------------------------------------------- colour
@@ -396,7 +399,8 @@ def test_center_crop_takes_centre():
 def test_webp_output(dirty):
     result = process_image(read(dirty, "hopper.jpg"), ImageConfig(encode_format="webp", webp_quality=80))
 
-    assert result.jpeg[:4] == b"RIFF" and result.jpeg[8:12] == b"WEBP"
+    assert result.jpeg[:4] == b"RIFF"
+    assert result.jpeg[8:12] == b"WEBP"
     assert result.encode_format == "webp"
     assert Image.open(io.BytesIO(result.jpeg)).size == (128, 128)
 

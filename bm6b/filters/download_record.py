@@ -2,7 +2,7 @@
 
 ``RecordDownloader.run(record)`` fills the image fields of a sample record or returns a reject
 reason; ``iter_download`` runs it over many records on a thread pool and yields each record as
-soon as it finishes, so one slow URL holds one thread, not a whole batch.
+soon as it finishes, so one slow URL occupies one thread, not a whole batch.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from bm6b.filters.image import ImageConfig, process_image
 
 logger = logging.getLogger(__name__)
 
-# A record whose ``image`` already holds the original image bytes (for example read from an
+# A record whose ``image`` already contains the original image bytes (for example read from an
 # img2dataset shard) carries this flag; the downloader decodes it without fetching.
 PREFETCHED = "prefetched"
 

@@ -1,7 +1,7 @@
 """Read img2dataset output folders (webdataset or parquet format) as curate input.
 
 Users who already downloaded with img2dataset start at bm6b's decode step: each successful sample
-becomes a record whose ``image`` holds the stored image bytes (decoded, checked, resized and hashed
+becomes a record whose ``image`` contains the stored image bytes (decoded, checked, resized and hashed
 again by the download stage, without fetching), and each failed download becomes a download
 reject with the closest reason code, so ``--retry-failed`` can fetch it again later.
 
@@ -54,7 +54,7 @@ def split_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
             continue
         base = path.rstrip("/")
         tars = [p for p in _match(f"{base}/*.tar") if _SHARD.match(p.rsplit("/", 1)[-1])]
-        # A webdataset-format shard is its tar; its parquet holds metadata only and is read with it.
+        # A webdataset-format shard is read from its tar. Its parquet contains only metadata and is read with it.
         shards.extend(tars or [p for p in _match(f"{base}/*.parquet") if _SHARD.match(p.rsplit("/", 1)[-1])])
     return manifests, shards
 
@@ -96,6 +96,8 @@ def _record(shard: str, index: int, url: str | None, caption: str | None, image:
     )
     record["input"] = json.dumps({"url": url, "caption": caption}, ensure_ascii=False)
     if image is not None:
+        # NOTE: these are img2dataset's re-encoded bytes, so the record's sha256 is not the original
+        # download's, and an EXIF orientation its OpenCV decode ignored cannot be recovered here.
         record["image"] = image
         record[PREFETCHED] = True
     return record

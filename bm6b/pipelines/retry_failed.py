@@ -3,7 +3,7 @@
 The previous run's ``rejects/*.parquet`` keep each rejected row's input as JSON together with its
 source and row number. Rows whose reason is in ``RETRYABLE`` (DNS, connect, timeout, reset,
 too_slow, 429, 5xx, host_failing) become records again, with the same key and uid as before, and go
-through the whole pipeline; everything else stays rejected in the previous output.
+through the whole pipeline. Every other reject stays in the previous output only.
 """
 
 from __future__ import annotations
