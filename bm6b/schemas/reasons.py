@@ -15,7 +15,7 @@ class Reason(str, enum.Enum):
     BAD_ROW = "bad_row"  # the manifest row could not be parsed (broken JSON, wrong column count)
     MISSING_URL = "missing_url"  # the URL column is absent or empty
     INVALID_URL = "invalid_url"  # not an absolute http(s) URL
-    DUPLICATE_URL = "duplicate_url"  # the same normalized URL and captions appeared earlier
+    DUPLICATE_URL = "duplicate_url"  # another row has the same normalized URL; the detail names the kept key
 
     # download
     DNS = "dns"  # the host name did not resolve

@@ -73,8 +73,14 @@ REJECT_SCHEMA = pa.schema(
 RECORD_FIELDS = tuple(RECORD_SCHEMA.names)
 
 # Query parameters that only track the visitor; removing them makes equal images share one URL.
+# utm_*: Google Analytics campaign tags; gclid, dclid: Google Ads; fbclid: Facebook; msclkid:
+# Microsoft Ads; yclid: Yandex; igshid: Instagram share; mc_cid, mc_eid: Mailchimp; spm: Alibaba
+# (Taobao, Tmall) page-position tracking. None of them selects different content.
 TRACKING_PARAMS = frozenset(
-    {"utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content", "gclid", "fbclid", "spm"}
+    {
+        "utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content", "utm_id",
+        "gclid", "dclid", "fbclid", "msclkid", "yclid", "igshid", "mc_cid", "mc_eid", "spm",
+    }
 )
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
