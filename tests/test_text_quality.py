@@ -7,6 +7,7 @@ import collections
 import pytest
 
 from bm6b.filters.caption_config import CaptionConfig
+from bm6b.filters.literal_gate import LiteralGate
 from bm6b.filters.text_normalize import normalize_caption
 from bm6b.filters.text_quality import (
     check_caption,
@@ -195,3 +196,27 @@ def test_flickr8k_and_coco_pass():
     coco = coco_captions(limit=3000)
     rejected_en = [c for c in coco if rule_of(c)]
     assert len(rejected_en) <= 5, rejected_en
+
+
+@pytest.mark.parametrize(
+    ("pattern", "text", "expected"),
+    [
+        (r"(?:\bpremium\s+)?\broyalty[- ]free\b", "a ROYALTY-FREE picture", True),
+        (r"(?:\bpremium\s+)?\broyalty[- ]free\b", "a dog runs on the grass", False),
+        (r"\b(?:stockfoto(?:grafie)?s?|stockbild(?:er)?)\b", "Stockbilder vom Hund", True),
+        (r"\b(?:stockfoto(?:grafie)?s?|stockbild(?:er)?)\b", "a dog in the snow", False),
+        (r"\b(?:stockfoto(?:grafie)?s?|stockbild(?:er)?)\b", "a stock market chart", True),  # shares "stock"
+        (r"图库(?:照片|图片)", "a plain English caption", False),
+        (r"图库(?:照片|图片)", "狗的图库照片", True),  # non-ASCII text always goes to the regex
+        (r"\d{3,}", "photo 12345", True),  # no literal: the gate is off
+    ],
+)
+def test_literal_gate_cases(pattern, text, expected):
+    assert LiteralGate([pattern]).may_match(text) is expected
+
+
+def test_literal_gate_cased_non_ascii_literal_turns_gate_off():
+    # U+017F (long s) matches ASCII "s" under IGNORECASE, so the gate cannot skip ASCII text.
+    gate = LiteralGate(["\u017ftock"])
+    assert gate.enabled is False
+    assert gate.may_match("stock") is True

@@ -41,7 +41,6 @@ _ZH_PUNCT = "\uff0c\uff01\uff1f\uff1a\uff1b\uff08\uff09"
 _KEEP_ZH_PUNCT_RE = re.compile(f"(?<=[{HAN_CLASS}\uff09\u3001\u3002])([{_ZH_PUNCT}])")
 _HAN_SPACE_RE = re.compile(f"(?<=[{HAN_CLASS}\u3001\u3002{_ZH_PUNCT}])\\s+(?=[{HAN_CLASS}])|(?<=[{HAN_CLASS}])\\s+(?=[{_ZH_PUNCT}\u3001\u3002])")
 _SPACE_RE = re.compile(r"\s+")
-_NEEDS_UNICODE_RE = re.compile(r"[^\x20-\x7e]|&|<")
 
 
 def unescape_html(text: str) -> str:
@@ -94,8 +93,9 @@ def normalize_caption(text: str | None, config: CaptionConfig | None = None) -> 
     config = config or DEFAULT_CONFIG
 
     text = text[: config.max_input_chars]
-    if _NEEDS_UNICODE_RE.search(text) is None:
-        return collapse_whitespace(text, join_han=False)
+    if text.isascii() and text.isprintable() and "&" not in text and "<" not in text:
+        # Printable ASCII (U+0020..U+007E) without entities or tags: only spaces can change.
+        return " ".join(text.split())
 
     if config.strip_html:
         text = unescape_html(text)

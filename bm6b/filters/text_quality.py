@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bm6b.filters.caption_config import CaptionConfig
+from bm6b.filters.literal_gate import LiteralGate
 from bm6b.filters.text_normalize import HAN_CLASS
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "jpe", "jfif", "png", "gif", "webp", "bmp", "tif", "tiff", "heic", "avif", "svg")
@@ -21,7 +22,8 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "jpe", "jfif", "png", "gif", "webp", "bmp", "
 _HAN_RE = re.compile(f"[{HAN_CLASS}]")
 _LATIN_WORD_RE = re.compile(r"[A-Za-z0-9\u00c0-\u024f]+")
 _LETTER_RE = re.compile(r"[^\W\d_]")
-_URL_RE = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
+_URL_PATTERN = r"(?:https?://|www\.)\S+"
+_URL_RE = re.compile(_URL_PATTERN, re.IGNORECASE)
 _FILE_NAME_RE = re.compile(r"\.(?:" + "|".join(IMAGE_EXTENSIONS) + r")\s*$", re.IGNORECASE)
 _CAMERA_NAME_RE = re.compile(r"^(?:IMG|DSC[NF]?|DCIM|PIC|PXL|MVIMG|VID|Screenshot|image)[_-]?\d[\w-]*$", re.IGNORECASE)
 _SLUG_RE = re.compile(r"^[A-Za-z0-9]+(?:[-_][A-Za-z0-9]+){2,}$")
@@ -32,6 +34,7 @@ _SPECIAL_RE = re.compile(
     "\u3001\u3002\uff0c\uff01\uff1f\uff1a\uff1b\uff08\uff09\u300a\u300b\u300c\u300d\u300e\u300f\u3010\u3011]"
 )
 _WORD_RE = re.compile(r"\w+")
+_NON_HAN_RE = re.compile(f"[^{HAN_CLASS}]+")
 _EDGE_JUNK_RE = re.compile(r"^[\s\-\u2013\u2014|:,#/~*]+|[\s\-\u2013\u2014|:,#/~*]+$")
 
 
@@ -96,6 +99,12 @@ def load_boilerplate(paths: tuple[str, ...]) -> re.Pattern[str] | None:
 
 
 @functools.lru_cache(maxsize=32)
+def _boilerplate_gate(paths: tuple[str, ...]) -> LiteralGate:
+    """Gate for the URL pattern together with the boilerplate patterns of ``paths``."""
+    return LiteralGate([_URL_PATTERN, *(p for path in paths for p in _read_lines(path))])
+
+
+@functools.lru_cache(maxsize=32)
 def load_blocklist(language: str, paths: tuple[str, ...]) -> re.Pattern[str] | None:
     """Compile one list: zh terms match as substrings, other languages as whole words."""
     terms = sorted({t for path in paths for t in _read_lines(path)}, key=len, reverse=True)
@@ -107,9 +116,18 @@ def load_blocklist(language: str, paths: tuple[str, ...]) -> re.Pattern[str] | N
     return re.compile(rf"(?<!\w)(?:{alternation})(?!\w)", re.IGNORECASE)
 
 
+@functools.lru_cache(maxsize=32)
+def _blocklist_gate(lists: tuple[tuple[str, tuple[str, ...]], ...]) -> LiteralGate:
+    """Gate for every blocklist of a config, given as (language, paths) pairs."""
+    return LiteralGate(re.escape(t) for _, paths in lists for path in paths for t in _read_lines(path))
+
+
 def strip_boilerplate(text: str, config: CaptionConfig) -> str:
     """Remove stock-photo phrases and URLs, then the separators they leave at either end."""
-    pattern = load_boilerplate(tuple(config.boilerplate_files))
+    paths = tuple(config.boilerplate_files)
+    if not _boilerplate_gate(paths).may_match(text):
+        return text
+    pattern = load_boilerplate(paths)
     cleaned = _URL_RE.sub(" ", text)
     if pattern is not None:
         cleaned = pattern.sub(" ", cleaned)
@@ -163,8 +181,8 @@ def special_char_ratio(text: str) -> float:
 def repeated_word_ratio(text: str) -> tuple[float, int]:
     """Share of tokens that repeat an earlier token; Han text is tokenized into character bigrams."""
     if is_han_text(text):
-        han = "".join(_HAN_RE.findall(text))
-        tokens = list(zip(han, han[1:]))
+        han = _NON_HAN_RE.sub("", text)
+        tokens = [han[i : i + 2] for i in range(len(han) - 1)]
     else:
         tokens = _WORD_RE.findall(text.lower())
     if not tokens:
@@ -172,8 +190,13 @@ def repeated_word_ratio(text: str) -> tuple[float, int]:
     return 1.0 - len(set(tokens)) / len(tokens), len(tokens)
 
 
+@functools.lru_cache(maxsize=8)
+def _char_run_pattern(max_run: int) -> re.Pattern[str]:
+    return re.compile(rf"([^\d\s])\1{{{max_run},}}")
+
+
 def repetition_issue(text: str, config: CaptionConfig) -> QualityIssue | None:
-    run = re.search(rf"([^\d\s])\1{{{config.max_char_run},}}", text)
+    run = _char_run_pattern(config.max_char_run).search(text)
     if run:
         return QualityIssue("char_run", f"{run.group(0)[:20]!r} repeats one character more than {config.max_char_run} times")
 
@@ -184,7 +207,10 @@ def repetition_issue(text: str, config: CaptionConfig) -> QualityIssue | None:
 
 
 def blocklist_issue(text: str, config: CaptionConfig) -> QualityIssue | None:
-    for language, paths in config.blocklist_files.items():
+    lists = tuple((language, tuple(paths)) for language, paths in config.blocklist_files.items())
+    if not _blocklist_gate(lists).may_match(text):
+        return None
+    for language, paths in lists:
         pattern = load_blocklist(language, tuple(paths))
         if pattern is None:
             continue
