@@ -22,6 +22,8 @@ from bm6b.pipelines.curate import CurateConfig, run_curate
 from clip_helpers import open_clip_model, reference_scores
 from flickr8k import read_captions
 
+pytestmark = pytest.mark.slow
+
 PHOTOS = 60
 DETAIL = re.compile(r"^en score (-?\d+\.\d{4}) < threshold (-?\d+\.\d{4}) \(top 50\.0% of en scores\)$")
 

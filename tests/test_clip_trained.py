@@ -18,6 +18,8 @@ from bm6b.pipelines.clip_inference import ClipModelSpec, ClipStageConfig
 from clip_helpers import run_clip_stage
 from flickr8k import read_captions
 
+pytestmark = pytest.mark.slow
+
 PHOTOS = 128
 
 
