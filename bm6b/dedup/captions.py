@@ -143,16 +143,27 @@ def lsh_band_keys(signature: np.ndarray, config: NearConfig = NearConfig()) -> l
 
 
 def near_duplicate_forest(members: list[tuple[str, frozenset[str]]], threshold: float) -> list[tuple[str, str]]:
-    """Return spanning-forest edges among ``members`` (node, shingles) whose Jaccard is at least ``threshold``."""
+    """Return edges that link each member to every cluster whose first member it matches.
+
+    ``members`` are (node, shingles) of one LSH band group. Each member is compared with the
+    first member of each cluster found so far, not with every member, so a group of n members
+    in k clusters costs n * k Jaccard computations. Members of a band group share
+    ``rows`` MinHash values, so k is usually small.
+    """
     from bm6b.dedup.phash import UnionFind
 
     forest = UnionFind(len(members))
+    heads: list[int] = []
     edges = []
-    for i in range(len(members)):
-        for j in range(i + 1, len(members)):
-            if forest.find(i) == forest.find(j):
+    for i, (node, shingle_set) in enumerate(members):
+        matched = False
+        for head in heads:
+            if forest.find(head) == forest.find(i):
                 continue
-            if jaccard(members[i][1], members[j][1]) >= threshold:
-                forest.union(i, j)
-                edges.append((members[i][0], members[j][0]))
+            if jaccard(members[head][1], shingle_set) >= threshold:
+                forest.union(head, i)
+                edges.append((members[head][0], node))
+                matched = True
+        if not matched:
+            heads.append(i)
     return edges

@@ -256,6 +256,11 @@ class DedupCaptions(beam.PTransform):
     representative rule. A record is rejected as duplicate_caption only when each of its
     captions sits in a cluster kept by another record: a record with a duplicated Chinese
     caption but its own English caption stays, with both captions.
+
+    Same image + same caption never reaches this step as two records, because the sha256 or
+    near-duplicate image step already kept one of them. Different images + same caption is
+    what this step removes: a caption repeated over many images (stock text, template alt
+    text, "a dog runs through the grass") then trains on one image only.
     """
 
     def __init__(self, threshold: float = 0.9, rounds: int = DEFAULT_ROUNDS, near: bool = True):
