@@ -182,7 +182,7 @@ def run(args) -> dict:
     return results
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Curate Flickr8k, train bm6b-tiny on CPU, evaluate zh/en retrieval.")
     parser.add_argument("--raw", default=str(DEFAULT_RAW), help="folder with flickr8k-images/ and flickr8k-cn/")
     parser.add_argument("--work", required=True, help="working folder for manifests, shards, the run and results.json")
@@ -199,7 +199,11 @@ def main(argv=None) -> int:
     parser.add_argument("--caption-variants", type=int, default=5, help="curate each split this many times, with caption number N in run N (1-5, default: 5)")
     parser.add_argument("--crop-scale-min", type=float, default=0.5, help="smallest area fraction of the training crop (default: 0.5)")
     parser.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (default: 100)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if not (Path(args.raw) / "flickr8k-images").is_dir():
         print(f"error: {args.raw}/flickr8k-images not found; pass --raw", file=sys.stderr)
         return 2
