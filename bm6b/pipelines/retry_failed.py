@@ -34,11 +34,13 @@ def reject_files(previous_output: str) -> list[str]:
 
 
 def check_retry_output(previous_output: str, output: str) -> None:
+    """Raise before any output is written when the retry run cannot start."""
     if os.path.abspath(previous_output.rstrip("/")) == os.path.abspath(output.rstrip("/")):
         raise ValueError(
             f"--retry-failed {previous_output} and --output {output} are the same folder; "
             "the new run would delete the rejects it reads. Choose another --output."
         )
+    reject_files(previous_output)
 
 
 def record_from_reject(row: dict[str, Any], columns: ingest.ColumnMap) -> tuple[str, dict[str, Any]]:
