@@ -30,7 +30,7 @@ import numpy as np
 
 from bm6b.filters.caption_config import CaptionConfig
 from bm6b.filters.text_normalize import normalize_caption
-from bm6b.filters.translate import TranslateChecker
+from bm6b.filters.translate import AGREEMENT_SUBSCORES, TranslateChecker
 
 DEFAULT_RAW = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "raw"
 FILES = {
@@ -41,7 +41,8 @@ FILES = {
     "zhg": "flickr8kzhg.caption.txt",
 }
 NEGATIVE_KINDS = ("zhc_same_image", "other_caption_same_image", "other_image")
-SUBSCORES = ("en_coverage", "zh_coverage", "coverage_min", "length", "tokens")
+SUBSCORES = ("en_coverage", "zh_coverage", "coverage_min", "en_unmatched", "zh_unmatched", "length", "tokens",
+             "colours", "counts")
 
 
 def read_captions(raw: pathlib.Path, kind: str) -> dict[tuple[str, int], str]:
@@ -162,7 +163,15 @@ def evaluate(pairs: dict[str, list[tuple[str, str]]], config: CaptionConfig,
     return report
 
 
-FIT_FEATURES = ("en_coverage", "zh_coverage", "coverage_min", "length")
+FIT_FEATURES = ("en_coverage", "zh_coverage", "coverage_min", "en_unmatched", "zh_unmatched", "length", "colours",
+                "counts")
+
+
+def fit_value(subscores: dict[str, float], name: str) -> float:
+    """Return a sub-score as the logistic model sees it (agreement sub-scores enter as value - 1)."""
+    if name in AGREEMENT_SUBSCORES:
+        return subscores.get(name, 1.0) - 1.0
+    return subscores.get(name, 0.0)
 
 
 def fit_weights(pairs: dict[str, list[tuple[str, str]]], config: CaptionConfig,
@@ -175,7 +184,7 @@ def fit_weights(pairs: dict[str, list[tuple[str, str]]], config: CaptionConfig,
         rows = []
         for zh, en in kind_pairs:
             result = checker.score(normalize_caption(zh), normalize_caption(en))
-            rows.append([result.subscores.get(name, 0.0) for name in FIT_FEATURES])
+            rows.append([fit_value(result.subscores, name) for name in FIT_FEATURES])
         return np.array(rows)
 
     positives = np.vstack([features(pairs[kind]) for kind in positive_kinds])

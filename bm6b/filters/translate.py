@@ -39,6 +39,10 @@ from bm6b.filters.text_normalize import HAN_CLASS
 logger = logging.getLogger(__name__)
 
 MAX_WORD_CHARS = 6  # longer dictionary entries are idioms and names that rarely match captions
+PREFIX_CHARS = 5  # an unmatched English stem meets a gloss stem that shares this many first letters
+MIN_PART_CHARS = 3  # the shortest half of an English compound ("midair" -> "mid" + "air")
+AGREEMENT_SUBSCORES = ("tokens", "colours", "counts")  # absent when neither side has any
+MAX_UNMATCHED = 6  # counts of unmatched words are capped here before they enter the logistic model
 
 # Function words removed from both the English caption and the dictionary glosses.
 EN_STOPWORDS = frozenset(
@@ -72,6 +76,8 @@ _IRREGULAR = {
     "wore": "wear", "worn": "wear", "ate": "eat", "flew": "fly", "caught": "catch", "dove": "dive",
     "fell": "fall", "leaves": "leaf", "knives": "knife", "wolves": "wolf", "shelves": "shelf",
     "doggy": "dog", "puppy": "dog", "kid": "child", "kids": "child", "ocean": "sea", "guy": "man",
+    "goes": "go", "laying": "lie", "lays": "lie", "laid": "lie", "stuffed": "stuff", "during": "during",
+    "older": "old", "posing": "pose", "poses": "pose", "posed": "pose",
 }
 
 
@@ -109,6 +115,15 @@ _ALTERNATIVES = {
     "little": ("small",), "tiny": ("small",), "large": ("big",), "huge": ("big",),
     "grey": ("gray",), "toddler": ("child",), "baby": ("infant",), "puppy": ("dog",),
     "outfit": ("clothe", "dress"), "shirt": ("clothe",), "photo": ("picture",),
+    "player": ("athlete",), "trick": ("stunt",), "tan": ("brown",), "pose": ("posture", "position"),
+    "glass": ("spectacle", "eyeglass"), "path": ("road", "trail"), "trail": ("path", "road"),
+    "leash": ("rope", "lead"), "cyclist": ("bicycle", "bike"), "bike": ("bicycle", "motorcycle"),
+    "bicycle": ("bike",), "motorcycle": ("motorbike",), "jersey": ("shirt", "clothe"),
+    "field": ("meadow", "grassland", "lawn"), "shirtless": ("naked", "bare"),
+    "teenage": ("teenager", "youth"), "teenager": ("youth",), "coat": ("jacket", "overcoat"),
+    "jacket": ("coat",), "vest": ("waistcoat",), "gear": ("equipment",), "outside": ("outdoors",),
+    "area": ("region", "zone"), "carry": ("hold", "take"), "furry": ("fur", "hairy"),
+    "outstretch": ("stretch", "extend"),
 }
 
 
@@ -214,6 +229,46 @@ class CedictIndex:
             for start in occurrences(zh, word):
                 found.append((start, start + len(word), stems))
         return sorted(found, key=lambda match: (match[0], match[1]))
+
+    def prefixes(self, word: str) -> frozenset[str]:
+        """Return the prefix keys of the gloss stems of ``word``: the first five letters of stems
+        with at least five, and whole four-letter stems."""
+        cache = self.__dict__.setdefault("_prefixes", {})
+        keys = cache.get(word)
+        if keys is None:
+            keys = cache[word] = frozenset(
+                g[:PREFIX_CHARS] if len(g) >= PREFIX_CHARS else g
+                for g in self.glosses[word]
+                if len(g) >= PREFIX_CHARS - 1
+            )
+        return keys
+
+    def partial_keys(self, word_stem: str) -> frozenset[str]:
+        """Keys under which an unmatched English stem may still meet a gloss.
+
+        Its first five and first four letters (met by ``prefixes``), and each half of a split into
+        two parts of at least three letters whose other half is a gloss stem somewhere in
+        CC-CEDICT ("midair" gives "air" because "mid" is a gloss stem, and "mid").
+        """
+        cache = self.__dict__.setdefault("_partial_keys", {})
+        keys = cache.get(word_stem)
+        if keys is not None:
+            return keys
+        vocabulary = self.__dict__.get("_vocabulary")
+        if vocabulary is None:
+            vocabulary = self.__dict__["_vocabulary"] = frozenset().union(*self.glosses.values())
+        found = set()
+        if len(word_stem) >= PREFIX_CHARS:
+            found.update((word_stem[:PREFIX_CHARS], word_stem[: PREFIX_CHARS - 1]))
+        splits = range(MIN_PART_CHARS, len(word_stem) - MIN_PART_CHARS + 1)
+        if word_stem in vocabulary:
+            splits = range(0)  # a known word ("carpet") is not split into "car" + "pet"
+        for i in splits:
+            head, tail = word_stem[:i], stem(word_stem[i:])
+            if head in vocabulary and tail in vocabulary:
+                found.update((head, tail))
+        keys = cache[word_stem] = frozenset(found)
+        return keys
 
     def words_in(self, zh: str) -> set[str]:
         """Return the distinct dictionary words that occur inside the Han runs of ``zh``.
@@ -330,6 +385,70 @@ def han_share(text: str) -> float:
     return len(_HAN_RE.findall(text)) / letters if letters else 0.0
 
 
+# Colour words. A Chinese colour counts when its character appears anywhere in the caption, so
+# 金发 (blond) also gives "gold"; the English side maps "blond" there too.
+_EN_COLOURS = {
+    "red": "red", "black": "black", "white": "white", "blue": "blue", "green": "green",
+    "yellow": "yellow", "brown": "brown", "tan": "brown", "gray": "gray", "grey": "gray",
+    "pink": "pink", "purple": "purple", "orange": "orange", "gold": "gold", "golden": "gold",
+    "blond": "gold", "blonde": "gold", "silver": "silver",
+}
+_ZH_COLOURS = {
+    "红": "red", "黑": "black", "白": "white", "蓝": "blue", "绿": "green", "黄": "yellow",
+    "棕": "brown", "褐": "brown", "灰": "gray", "粉": "pink", "紫": "purple", "橙": "orange",
+    "橘": "orange", "金": "gold", "银": "silver",
+}
+_ZH_COLOUR_CHARS = frozenset(_ZH_COLOURS)
+
+# Counts from two to ten. 一 and "a" are left out: both sides use them for any single thing.
+_EN_COUNTS = {
+    "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9,
+    "ten": 10, "pair": 2, "both": 2, "couple": 2,
+}
+_ZH_COUNTS = {"两": 2, "二": 2, "俩": 2, "双": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7, "八": 8,
+              "九": 9, "十": 10}
+_ZH_COUNT_CHARS = frozenset(_ZH_COUNTS)
+
+
+def zh_colours(zh: str) -> set[str]:
+    return {_ZH_COLOURS[char] for char in _ZH_COLOUR_CHARS.intersection(zh)}
+
+
+def en_colours(en_words: list[str]) -> set[str]:
+    return {_EN_COLOURS[word] for word in en_words if word in _EN_COLOURS}
+
+
+def zh_counts(zh: str) -> set[int]:
+    counts = {_ZH_COUNTS[char] for char in _ZH_COUNT_CHARS.intersection(zh)}
+    counts.update(int(d) for d in _DIGITS_RE.findall(zh) if d.isdigit() and 2 <= int(d) <= 10)
+    return counts
+
+
+def en_counts(en_words: list[str]) -> set[int]:
+    return {_EN_COUNTS[word] for word in en_words if word in _EN_COUNTS}
+
+
+def agreement(zh_items: set, en_items: set) -> float | None:
+    """Jaccard overlap of two sets, or None when both are empty so the sub-score stays neutral."""
+    union = zh_items | en_items
+    if not union:
+        return None
+    return len(zh_items & en_items) / len(union)
+
+
+def _count_runs(positions: list[int], covered: set[int]) -> int:
+    """Count the maximal runs of consecutive ``positions`` that are not in ``covered``."""
+    runs = 0
+    previous = -2
+    for i in positions:
+        if i in covered:
+            continue
+        if i != previous + 1:
+            runs += 1
+        previous = i
+    return runs
+
+
 Encoder = Callable[[Sequence[str]], Sequence[Sequence[float]]]
 
 
@@ -362,39 +481,74 @@ class TranslateChecker:
 
         en_tokens = _EN_WORD_RE.findall(en.lower())
         stems = _content_stems_of(en_tokens)
-        en_words = len(en_tokens)
+        unmatched_stems, covered_positions = self._align(zh, stems)
 
+        subscores: dict[str, float] = {}
+        matched = len(stems) - len(unmatched_stems)
+        subscores["en_coverage"] = matched / len(stems) if stems else 0.0
+        content_positions = [i for i, char in enumerate(zh) if _is_zh_content(char)]
+        covered = sum(1 for i in content_positions if i in covered_positions)
+        subscores["zh_coverage"] = covered / len(content_positions) if content_positions else 0.0
+        subscores["coverage_min"] = min(subscores["en_coverage"], subscores["zh_coverage"])
+        subscores["en_unmatched"] = float(min(len(unmatched_stems), MAX_UNMATCHED))
+        subscores["zh_unmatched"] = float(min(_count_runs(content_positions, covered_positions), MAX_UNMATCHED))
+        subscores["length"], _ = length_score(zh, len(en_tokens), config)
+        tokens = token_score(zh, en)
+        if tokens is not None:
+            subscores["tokens"] = tokens
+        colours = agreement(zh_colours(zh), en_colours(en_tokens))
+        if colours is not None:
+            subscores["colours"] = colours
+        counts = agreement(zh_counts(zh), en_counts(en_tokens))
+        if counts is not None:
+            subscores["counts"] = counts
+        if self.encoder is not None and config.weights.get("embedding", 0.0) > 0.0:
+            subscores["embedding"] = self._cosine(zh, en)
+
+        return TranslateScore(self._combine(subscores), subscores)
+
+    def _align(self, zh: str, stems: list[str]) -> tuple[list[str], set[int]]:
+        """Match English content stems to dictionary words of ``zh``.
+
+        Returns the stems left unmatched and the positions of ``zh`` inside a matched dictionary
+        word. A stem matches when one of its ``alternatives`` is a gloss stem of a word in ``zh``.
+        A stem still unmatched after that matches by prefix (``bicyclist`` and ``bicycle``) or as a
+        compound of two English words one of which is a gloss (``midair`` and ``air``).
+        """
         en_forms = {form for s in stems for form in alternatives(s)}
         # Gloss stems that meet the English forms: the only part of the licensed words that can
-        # match a caption word, so the union of all glosses is never built.
+        # match a caption word, so the union of all glosses is built only for leftover stems.
         hits: set[str] = set()
         covered_positions: set[int] = set()
         glosses = self.index.glosses
-        for word in self.index.words_in(zh):
+        words = self.index.words_in(zh)
+        for word in words:
             common = en_forms.intersection(glosses[word])
             if common:
                 hits |= common
                 for start in occurrences(zh, word):
                     covered_positions.update(range(start, start + len(word)))
 
-        subscores: dict[str, float] = {}
         # Latin words written in the zh caption (brand names, units) cover themselves.
         hits.update(stem(t) for t in _EN_WORD_RE.findall(zh.lower()))
-        matched = sum(1 for s in stems if not hits.isdisjoint(alternatives(s)))
-        subscores["en_coverage"] = matched / len(stems) if stems else 0.0
+        unmatched = [s for s in stems if hits.isdisjoint(alternatives(s))]
+        if not unmatched:
+            return unmatched, covered_positions
 
-        content = len(_CJK_RE.findall(zh.translate(_DROP_FUNCTION_CHARS)))
-        covered = sum(1 for i in covered_positions if _is_zh_content(zh[i]))
-        subscores["zh_coverage"] = covered / content if content else 0.0
-        subscores["coverage_min"] = min(subscores["en_coverage"], subscores["zh_coverage"])
-        subscores["length"], _ = length_score(zh, en_words, config)
-        tokens = token_score(zh, en)
-        if tokens is not None:
-            subscores["tokens"] = tokens
-        if self.encoder is not None and config.weights.get("embedding", 0.0) > 0.0:
-            subscores["embedding"] = self._cosine(zh, en)
-
-        return TranslateScore(self._combine(subscores), subscores)
+        index = self.index
+        partial = {s: index.partial_keys(s) for s in unmatched}
+        for word in words:
+            keys = glosses[word] | index.prefixes(word)
+            found = {s for s, s_keys in partial.items() if not keys.isdisjoint(s_keys)}
+            if found:
+                for start in occurrences(zh, word):
+                    covered_positions.update(range(start, start + len(word)))
+                for s in found:
+                    del partial[s]
+                if not partial:
+                    break
+        unmatched = list(partial)
+        return unmatched, covered_positions
 
     def _hard_rule(self, zh: str, en: str) -> str | None:
         config = self.config
@@ -409,14 +563,15 @@ class TranslateChecker:
     def _combine(self, subscores: dict[str, float]) -> float:
         """Logistic combination: sigmoid(bias + sum of weight * sub-score).
 
-        ``tokens`` and ``embedding`` enter as (value - 1) and (value - embedding_center), so a pair
-        without digits or Latin tokens, or without an encoder, is neither helped nor hurt.
+        The agreement sub-scores (``tokens``, ``colours``, ``counts``) enter as (value - 1) and
+        ``embedding`` as (value - embedding_center), so a pair without digits, Latin tokens, colours
+        or counts, or without an encoder, is neither helped nor hurt.
         """
         config = self.config
         logit = config.translate_bias
         for name, value in subscores.items():
             weight = config.weights.get(name, 0.0)
-            if name == "tokens":
+            if name in AGREEMENT_SUBSCORES:
                 value -= 1.0
             elif name == "embedding":
                 value -= config.embedding_center
