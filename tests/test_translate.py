@@ -12,12 +12,18 @@ import pytest
 from bm6b.filters.caption_config import CaptionConfig
 from bm6b.filters.translate import (
     TranslateChecker,
+    _count_runs,
+    agreement,
     alternatives,
     content_stems,
     default_index,
+    en_colours,
+    en_counts,
     length_score,
     stem,
     token_score,
+    zh_colours,
+    zh_counts,
 )
 from text_data import raw_path
 
@@ -83,6 +89,58 @@ def test_token_score_cases():
     assert token_score("两只狗", "2 dogs") == 1.0
     assert token_score("3只狗", "three dogs") == 1.0
     assert token_score("一只狗", "a dog") is None
+
+
+def test_colours_and_counts():
+    assert zh_colours("一只黑色的狗跳过红色的栅栏") == {"black", "red"}
+    assert en_colours(["a", "black", "dog"]) == {"black"}
+    assert en_colours(["a", "blond", "tan", "dog"]) == {"gold", "brown"}
+    assert zh_counts("两只狗和3只猫") == {2, 3}
+    assert zh_counts("一只狗") == set()
+    assert en_counts(["three", "dogs"]) == {3}
+    assert agreement({"black", "red"}, {"black"}) == 0.5
+    assert agreement({2}, {3}) == 0.0
+    assert agreement(set(), set()) is None
+
+
+def test_count_runs_of_uncovered():
+    # Positions 0-2 and 4-5 and 7; 1 and 5 covered: runs {0}, {2}, {4}, {7}.
+    assert _count_runs([0, 1, 2, 4, 5, 7], {1, 5}) == 4
+    assert _count_runs([0, 1, 2], {0, 1, 2}) == 0
+    assert _count_runs([0, 1, 2], set()) == 1
+
+
+def test_partial_keys_prefix_and_compound():
+    index = default_index()
+    assert {"bicy", "bicyc"} <= index.partial_keys("bicyclist")
+    assert {"chair", "lift"} <= index.partial_keys("chairlift")
+    # "carpet" is itself a gloss stem, so it is not split into "car" and "pet".
+    assert "car" not in index.partial_keys("carpet")
+    assert "bicyc" in index.prefixes("自行车")
+
+
+def test_prefix_match_covers_word(checker):
+    result = checker.score("一个自行车手在路上。", "A bicyclist on the road .")
+    assert result.subscores["en_coverage"] == 1.0
+    assert result.subscores["en_unmatched"] == 0.0
+
+
+def test_unmatched_colour_lowers_score(checker):
+    # "brown" has no counterpart: one unmatched word, and the colours do not agree.
+    result = checker.score("两只狗在雪地上玩耍。", "Two brown dogs play in the snow .")
+    assert result.subscores["en_coverage"] == pytest.approx(4 / 5)
+    assert result.subscores["en_unmatched"] == 1.0
+    assert result.subscores["colours"] == 0.0
+    assert result.subscores["counts"] == 1.0
+    matching = checker.score("两只棕色的狗在雪地上玩耍。", "Two brown dogs play in the snow .")
+    assert matching.subscores["colours"] == 1.0
+    assert matching.combined > result.combined
+
+
+def test_count_mismatch_subscore(checker):
+    result = checker.score("三只狗在雪地上玩耍。", "Two dogs play in the snow .")
+    assert result.subscores["counts"] == 0.0
+    assert "colours" not in result.subscores
 
 
 def test_translation_pair_scores(checker):
@@ -167,9 +225,11 @@ def test_harness_subset_flickr8k():
     report = harness.evaluate(pairs, CONFIG)
     kinds = report["kinds"]
     assert kinds["other_image"]["auc"] >= 0.98
-    assert kinds["zhc_same_image"]["auc"] >= 0.94
-    assert kinds["zhc_same_image"]["f1"] >= 0.88
-    assert kinds["other_caption_same_image"]["auc"] >= 0.88
+    # On these 100 images the full scorer gives 0.9995, 0.9735, 0.9222, 0.9469 and 0.8814.
+    assert kinds["zhc_same_image"]["auc"] >= 0.96
+    assert kinds["zhc_same_image"]["f1"] >= 0.90
+    assert kinds["other_caption_same_image"]["auc"] >= 0.93
+    assert kinds["other_caption_same_image"]["f1"] >= 0.86
 
 
 def test_roc_auc_ties():

@@ -1,15 +1,23 @@
 """Translate-check: score whether a zh caption and an en caption are translations of each other.
 
-The scorer needs no model. Its sub-scores, each in [0, 1]:
+The scorer needs no model. Its sub-scores, each in [0, 1] unless stated:
 
 * ``en_coverage``: share of English content words whose stem appears in the CC-CEDICT glosses of
-  some word written in the Chinese caption (every dictionary word found as a substring counts).
+  some word written in the Chinese caption (every dictionary word found as a substring counts;
+  an English word left over also matches by prefix or as a compound, see ``_align``).
 * ``zh_coverage``: share of Chinese content characters (CJK Unified Ideographs and Extension A)
   inside a dictionary word whose glosses contain an English content word of the other caption.
+* ``coverage_min``: the smaller of the two coverages, since a translation covers both ways.
+* ``en_unmatched`` and ``zh_unmatched``: counts (0 to 6) of English content words without a match
+  and of runs of uncovered Chinese content characters. Two captions of one image share most
+  words, and these counts keep a long caption from hiding extra content behind a high ratio.
 * ``length``: CJK-aware length ratio, Han characters against English words.
 * ``tokens``: digits and Latin tokens (units, brand names) that appear on both sides.
-* ``coverage_min``: the smaller of the two coverages, since a translation covers both ways.
+* ``colours`` and ``counts``: overlap of the colours (红 / red) and of the counts from two to ten
+  (两 / two) named on each side.
 * ``embedding``: cosine of a text encoder's embeddings, only when ``embedding_model`` is set.
+
+``tokens``, ``colours`` and ``counts`` are left out when neither side names any.
 
 Hard rules (identical sides, a zh side that is not Chinese, an en side that is Chinese) set the
 combined score to 0. Otherwise the combined score is a logistic function of the sub-scores whose
@@ -40,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 MAX_WORD_CHARS = 6  # longer dictionary entries are idioms and names that rarely match captions
 PREFIX_CHARS = 5  # an unmatched English stem meets a gloss stem that shares this many first letters
-MIN_PART_CHARS = 3  # the shortest half of an English compound ("midair" -> "mid" + "air")
+MIN_PART_CHARS = 3  # the shortest half of an English compound ("chairlift" -> "chair" + "lift")
 AGREEMENT_SUBSCORES = ("tokens", "colours", "counts")  # absent when neither side has any
 MAX_UNMATCHED = 6  # counts of unmatched words are capped here before they enter the logistic model
 
@@ -247,8 +255,8 @@ class CedictIndex:
         """Keys under which an unmatched English stem may still meet a gloss.
 
         Its first five and first four letters (met by ``prefixes``), and each half of a split into
-        two parts of at least three letters whose other half is a gloss stem somewhere in
-        CC-CEDICT ("midair" gives "air" because "mid" is a gloss stem, and "mid").
+        two parts of at least three letters when both halves are gloss stems somewhere in CC-CEDICT
+        and the whole stem is not ("chairlift" gives "chair" and "lift").
         """
         cache = self.__dict__.setdefault("_partial_keys", {})
         keys = cache.get(word_stem)
@@ -513,7 +521,7 @@ class TranslateChecker:
         Returns the stems left unmatched and the positions of ``zh`` inside a matched dictionary
         word. A stem matches when one of its ``alternatives`` is a gloss stem of a word in ``zh``.
         A stem still unmatched after that matches by prefix (``bicyclist`` and ``bicycle``) or as a
-        compound of two English words one of which is a gloss (``midair`` and ``air``).
+        compound of two English words one of which is a gloss (``chairlift`` and ``lift``).
         """
         en_forms = {form for s in stems for form in alternatives(s)}
         # Gloss stems that meet the English forms: the only part of the licensed words that can
