@@ -19,7 +19,7 @@ from bm6b.dedup.components import DEFAULT_ROUNDS, ConnectedComponents
 from bm6b.dedup.config import DEFAULT_RADIUS, DedupConfig
 from bm6b.dedup.evalsets import EvalIndex, load_eval_sets
 from bm6b.dedup.rank import keep_rank, node_extra, node_id, node_key
-from bm6b.pipelines.stages import StageOutput, _RejectingDoFn, _split
+from bm6b.pipelines.stages import RejectingDoFn, StageOutput, split_rejects
 from bm6b.schemas import Reason, normalize_url
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ STAGE_CAPTION = "dedup_caption"
 # ---------------------------------------------------------------- keep one per key
 
 
-class _KeepOne(_RejectingDoFn):
+class _KeepOne(RejectingDoFn):
     """Keep the best-ranked record of each group; reject the rest with the kept key in the detail."""
 
     def __init__(self, stage: str, reason: str, what: str):
@@ -68,7 +68,7 @@ class DedupUrls(beam.PTransform):
 
     def expand(self, records):
         grouped = records | "ByUrl" >> beam.Map(lambda r: (_url_key(r), r)) | "Group" >> beam.GroupByKey()
-        return _split(grouped, "KeepOne", _KeepOne(STAGE_URL, Reason.DUPLICATE_URL.value, "normalized URL"))
+        return split_rejects(grouped, "KeepOne", _KeepOne(STAGE_URL, Reason.DUPLICATE_URL.value, "normalized URL"))
 
 
 class DedupExactImages(beam.PTransform):
@@ -76,7 +76,7 @@ class DedupExactImages(beam.PTransform):
 
     def expand(self, records):
         grouped = records | "BySha256" >> beam.Map(lambda r: (r["sha256"], r)) | "Group" >> beam.GroupByKey()
-        return _split(grouped, "KeepOne", _KeepOne(STAGE_IMAGE, Reason.DUPLICATE_IMAGE.value, "sha256"))
+        return split_rejects(grouped, "KeepOne", _KeepOne(STAGE_IMAGE, Reason.DUPLICATE_IMAGE.value, "sha256"))
 
 
 # ---------------------------------------------------------------- near-duplicate images
@@ -106,7 +106,7 @@ def _group_edges(item, radius: int):
     yield from ph.group_forest(members, radius)
 
 
-class _ApplyLabels(_RejectingDoFn):
+class _ApplyLabels(RejectingDoFn):
     """Join each record with its cluster label; reject it when the label is another node."""
 
     def __init__(self, stage: str, reason: str, describe):
@@ -160,7 +160,7 @@ class DedupNearImages(beam.PTransform):
         labels = edges | "Components" >> ConnectedComponents(self.rounds)
         by_node = with_hash[0] | "ByNode" >> beam.Map(lambda r: (_image_node(r), r))
         joined = {"record": by_node, "label": labels} | "JoinLabels" >> beam.CoGroupByKey()
-        out = _split(
+        out = split_rejects(
             joined,
             "ApplyLabels",
             _ApplyLabels(STAGE_NEAR_IMAGE, Reason.NEAR_DUPLICATE_IMAGE.value, _describe_near_image),
@@ -226,7 +226,7 @@ def _split_language(label_item):
     return node[2:], (node[:2], label[2:])
 
 
-class _ApplyCaptionLabels(_RejectingDoFn):
+class _ApplyCaptionLabels(RejectingDoFn):
     """Reject a record only when every caption it has duplicates a caption kept on another record."""
 
     stage = STAGE_CAPTION
@@ -288,13 +288,13 @@ class DedupCaptions(beam.PTransform):
         )
         by_node = records | "ByNode" >> beam.Map(lambda r: (_caption_record_node(r), r))
         joined = {"record": by_node, "label": labels} | "JoinLabels" >> beam.CoGroupByKey()
-        return _split(joined, "ApplyLabels", _ApplyCaptionLabels())
+        return split_rejects(joined, "ApplyLabels", _ApplyCaptionLabels())
 
 
 # ---------------------------------------------------------------- eval-set decontamination
 
 
-class _Decontaminate(_RejectingDoFn):
+class _Decontaminate(RejectingDoFn):
     stage = STAGE_EVAL
 
     def __init__(self, index: EvalIndex, radius: int):
@@ -336,7 +336,7 @@ class Decontaminate(beam.PTransform):
         self.dofn = _Decontaminate(index, radius)
 
     def expand(self, records):
-        return _split(records, "Check", self.dofn)
+        return split_rejects(records, "Check", self.dofn)
 
 
 # ---------------------------------------------------------------- all steps

@@ -17,12 +17,12 @@ import apache_beam as beam
 
 from bm6b.filters import captions
 from bm6b.filters.caption_config import CaptionConfig
-from bm6b.pipelines.stages import StageOutput, _RejectingDoFn, _split
+from bm6b.pipelines.stages import RejectingDoFn, StageOutput, split_rejects
 
 STAGES = ("captions", "lid", "caption_frequency", "translate")
 
 
-class _RecordStage(_RejectingDoFn):
+class _RecordStage(RejectingDoFn):
     """Apply one per-record function that returns (record, failure or None)."""
 
     def _emit(self, record: dict[str, Any], failure):
@@ -94,7 +94,7 @@ class NormalizeCaptions(beam.PTransform):
         self.config = config
 
     def expand(self, records):
-        return _split(records, "Normalize", _Normalize(self.config))
+        return split_rejects(records, "Normalize", _Normalize(self.config))
 
 
 class LanguageId(beam.PTransform):
@@ -105,7 +105,7 @@ class LanguageId(beam.PTransform):
         self.config = config
 
     def expand(self, records):
-        return _split(records, "Detect", _LanguageId(self.config))
+        return split_rejects(records, "Detect", _LanguageId(self.config))
 
 
 class CaptionFrequency(beam.PTransform):
@@ -141,7 +141,7 @@ class TranslateCheck(beam.PTransform):
         self.config = config
 
     def expand(self, records):
-        return _split(records, "Score", _Translate(self.config))
+        return split_rejects(records, "Score", _Translate(self.config))
 
 
 def apply_caption_stages(records, config: CaptionConfig) -> tuple[beam.PCollection, list[beam.PCollection]]:

@@ -20,7 +20,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 
 from bm6b.filters import clip
 from bm6b.filters.clip import LANGUAGES, ClipExample, ClipThresholds
-from bm6b.pipelines.stages import REJECTS, StageOutput, _RejectingDoFn, _split
+from bm6b.pipelines.stages import REJECTS, RejectingDoFn, StageOutput, split_rejects
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class OpenClipModelHandler(ModelHandler[ClipExample, PredictionResult, LoadedCli
         return "bm6b_clip"
 
 
-class _PrepareClipInputs(_RejectingDoFn):
+class _PrepareClipInputs(RejectingDoFn):
     stage = STAGE
 
     def __init__(self, spec: ClipModelSpec, languages: tuple[str, ...], count_input: bool):
@@ -205,7 +205,7 @@ def _scores_for_quantiles(record: dict[str, Any], languages: tuple[str, ...]):
             yield language, score
 
 
-class _FilterClipScores(_RejectingDoFn):
+class _FilterClipScores(RejectingDoFn):
     stage = STAGE
 
     def __init__(self, thresholds: ClipThresholds):
@@ -248,7 +248,7 @@ class FilterClipScores(beam.PTransform):
     def expand(self, records):
         dofn = _FilterClipScores(self.thresholds)
         if not self.thresholds.top_fraction:
-            return _split(records, "Filter", dofn)
+            return split_rejects(records, "Filter", dofn)
 
         fractions = dict(self.thresholds.top_fraction)
         languages = tuple(fractions)

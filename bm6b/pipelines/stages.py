@@ -1,4 +1,4 @@
-"""The curate stages as Beam PTransforms over sample records.
+"""Shared pieces of the curate stages, and the ingest, download and CLIP-score PTransforms.
 
 Each transform takes a PCollection of records and returns a ``StageOutput`` with the records that
 pass and the rejects it produced. The per-record work lives in ``bm6b.filters`` and
@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Iterable
+from typing import Any
 
 import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
-from bm6b.filters import captions
 from bm6b.filters.download import FetchConfig
 from bm6b.filters.download_record import RecordDownloader, StreamingDownloads
 from bm6b.filters.image import ImageConfig
 from bm6b.pipelines import ingest
 from bm6b.pipelines.img2dataset_input import ReadImg2Dataset
 from bm6b.pipelines.retry_failed import ReadRetryable
-from bm6b.schemas import Reason, make_reject
+from bm6b.schemas import make_reject
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ def _count(stage: str, what: str):
     return Metrics.counter(METRICS_NAMESPACE, f"{stage}.{what}")
 
 
-class _RejectingDoFn(beam.DoFn):
+class RejectingDoFn(beam.DoFn):
     """A DoFn whose subclasses call ``self.keep`` or ``self.reject``, both counted per stage."""
 
     stage = ""
@@ -59,7 +58,7 @@ class _RejectingDoFn(beam.DoFn):
         return pvalue.TaggedOutput(REJECTS, make_reject(record, stage=self.stage, reason=reason, detail=detail))
 
 
-def _split(pcoll: beam.PCollection, label: str, dofn: beam.DoFn) -> StageOutput:
+def split_rejects(pcoll: beam.PCollection, label: str, dofn: beam.DoFn) -> StageOutput:
     results = pcoll | label >> beam.ParDo(dofn).with_outputs(REJECTS, main="records")
     return StageOutput(results.records, results[REJECTS])
 
@@ -67,7 +66,7 @@ def _split(pcoll: beam.PCollection, label: str, dofn: beam.DoFn) -> StageOutput:
 # ---------------------------------------------------------------- ingest
 
 
-class _ReadManifest(_RejectingDoFn):
+class _ReadManifest(RejectingDoFn):
     stage = ingest.STAGE
 
     def __init__(self, columns: ingest.ColumnMap):
@@ -93,7 +92,7 @@ class ReadManifests(beam.PTransform):
         self.columns = columns
 
     def expand(self, pbegin):
-        out = _split(pbegin | "ManifestPaths" >> beam.Create(self.paths), "ReadRows", _ReadManifest(self.columns))
+        out = split_rejects(pbegin | "ManifestPaths" >> beam.Create(self.paths), "ReadRows", _ReadManifest(self.columns))
         # Rows of one file come out of one worker; spread them before the expensive stages.
         return StageOutput(out.records | "Spread" >> beam.Reshuffle(), out.rejects)
 
@@ -101,7 +100,7 @@ class ReadManifests(beam.PTransform):
 # ---------------------------------------------------------------- download
 
 
-class _Download(_RejectingDoFn):
+class _Download(RejectingDoFn):
     """Downloads on a thread pool that stays busy across the whole bundle.
 
     Records are submitted as they arrive and emitted as they finish; the rest are emitted in
@@ -153,7 +152,7 @@ class Download(beam.PTransform):
         self.batch_size = batch_size  # unused since downloads stream per record; kept for callers
 
     def expand(self, records):
-        return _split(records, "FetchAndDecode", self.dofn)
+        return split_rejects(records, "FetchAndDecode", self.dofn)
 
 
 def with_other_inputs(pipeline, read: StageOutput, img2dataset_shards: list[str], retry_from: str | None,
@@ -171,84 +170,6 @@ def with_other_inputs(pipeline, read: StageOutput, img2dataset_shards: list[str]
     if len(records) == 1:
         return read
     return StageOutput(records | "AllInputRecords" >> beam.Flatten(), rejects | "AllInputRejects" >> beam.Flatten())
-
-
-# ---------------------------------------------------------------- captions
-
-
-class _NormalizeCaptions(_RejectingDoFn):
-    stage = "captions"
-
-    def process(self, record: dict[str, Any]):
-        self._in.inc()
-        record, failure = captions.normalize_record(record)
-        if failure:
-            yield self._reject(record, *failure)
-        else:
-            self._out.inc()
-            yield record
-
-
-class NormalizeCaptions(beam.PTransform):
-    """Unicode NFKC, HTML entities and whitespace; rows with no caption left are rejected."""
-
-    def expand(self, records):
-        return _split(records, "Normalize", _NormalizeCaptions())
-
-
-class _LanguageId(_RejectingDoFn):
-    stage = "lid"
-
-    def setup(self):
-        super().setup()
-        self.model = captions.load_lid_model()
-
-    def process(self, record: dict[str, Any]):
-        self._in.inc()
-        record, failure = captions.assign_languages(record, self.model)
-        if failure:
-            yield self._reject(record, *failure)
-        else:
-            self._out.inc()
-            yield record
-
-
-class LanguageId(beam.PTransform):
-    """fastText lid.176 per caption; captions of unknown language move to their zh or en slot."""
-
-    def expand(self, records):
-        return _split(records, "Detect", _LanguageId())
-
-
-# ---------------------------------------------------------------- exact image dedup
-
-
-def keep_rank(record: dict[str, Any]) -> tuple:
-    """Sort key for choosing the kept sample among duplicates: both languages first, then the key."""
-    both = bool(record.get("caption_zh")) and bool(record.get("caption_en"))
-    return (not both, record["key"])
-
-
-class _KeepOnePerImage(_RejectingDoFn):
-    stage = "dedup_image"
-
-    def process(self, group: tuple[str, Iterable[dict[str, Any]]]):
-        _, members = group
-        ordered = sorted(members, key=keep_rank)
-        self._in.inc(len(ordered))
-        kept = ordered[0]
-        self._out.inc()
-        yield kept
-        for duplicate in ordered[1:]:
-            yield self._reject(duplicate, Reason.DUPLICATE_IMAGE.value, f"same sha256 as kept key {kept['key']}")
-
-
-class DedupExactImages(beam.PTransform):
-    """Keep one sample per image sha256 across the whole run; reject the rest as duplicate_image."""
-
-    def expand(self, records):
-        grouped = records | "BySha256" >> beam.Map(lambda r: (r["sha256"], r)) | "Group" >> beam.GroupByKey()
-        return _split(grouped, "KeepOne", _KeepOnePerImage())
 
 
 # ---------------------------------------------------------------- CLIP score
