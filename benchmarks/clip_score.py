@@ -10,8 +10,9 @@ times the whole job from start to finish, model loading included:
   ``bm6b.pipelines.stages.ClipScore`` (decode + transform + tokenize in a ParDo, then
   ``RunInference`` with ``BatchElements`` fixed to the batch size).
 
-One untimed round on two batches warms up imports and caches first. Then the two alternate for
-``--runs`` rounds; the summary reports medians and their ratio (Beam throughput / plain throughput).
+One untimed round on two batches warms up imports and caches first. Then both run in each of
+``--runs`` rounds, in alternating order; the summary reports medians and their ratio (Beam
+throughput / plain throughput).
 Photos come from ``--photos`` (default: the Flickr8k photos in ../shared/data/raw, which stay
 outside the repository); without them the script draws synthetic images.
 
@@ -205,8 +206,14 @@ def main(argv: list[str] | None = None) -> int:
 
         plain_times, beam_times, max_difference = [], [], 0.0
         for run in range(args.runs):
-            plain_seconds, plain_scores = plain_loop(records, args)
-            beam_seconds, beam_scores = beam_stage(records_path, os.path.join(folder, f"scores-{run}.jsonl"), args)
+            # Odd rounds run Beam first, so a change in background load hits both sides alike.
+            output = os.path.join(folder, f"scores-{run}.jsonl")
+            if run % 2 == 0:
+                plain_seconds, plain_scores = plain_loop(records, args)
+                beam_seconds, beam_scores = beam_stage(records_path, output, args)
+            else:
+                beam_seconds, beam_scores = beam_stage(records_path, output, args)
+                plain_seconds, plain_scores = plain_loop(records, args)
             if set(beam_scores) != set(plain_scores):
                 raise SystemExit(f"the Beam stage scored {len(beam_scores)} images, the plain loop {len(plain_scores)}")
             for key, languages in plain_scores.items():
