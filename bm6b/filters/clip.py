@@ -97,9 +97,9 @@ def score_examples(
 ) -> list[dict[str, Any]]:
     """Run one batch through ``model`` and return, per example, its scores (and embeddings).
 
-    Each result holds ``clip_score_{lang}`` (a float, the cosine similarity of the L2-normalized
+    Each result contains ``clip_score_{lang}`` (a float, the cosine similarity of the L2-normalized
     image and text embeddings) for every language the example has tokens for. With
-    ``keep_embeddings`` it also holds ``clip_image_embedding`` and ``clip_text_embedding_{lang}``
+    ``keep_embeddings`` it also contains ``clip_image_embedding`` and ``clip_text_embedding_{lang}``
     as lists of float16 values. The model runs in its own dtype on its own device.
     """
     import torch
@@ -246,7 +246,10 @@ class ClipScorer:
         self.keep_embeddings = keep_embeddings
 
     def score_batch(self, records: list[dict[str, Any]]) -> list[tuple[dict[str, Any], tuple[str, str]]]:
-        """Fill ``clip_score_{lang}`` and ``clip_model`` of each record; return ``(record, failure)`` for images that fail to decode."""
+        """Fill ``clip_score_{lang}`` and ``clip_model`` of each record in place.
+
+        Returns ``(record, (reason, detail))`` for each record whose image fails to decode.
+        """
         examples = []
         failed = []
         for record in records:

@@ -107,7 +107,7 @@ def read_checkpoint(path: str) -> CheckpointContents:
     """Read a checkpoint file and unwrap the model's state dict from any supported envelope.
 
     ``.pt``/``.pth``/``.bin`` files are memory-mapped, so reading one only to learn its model
-    config or tokenizer costs little. Raises ValueError for files that hold no state dict.
+    config or tokenizer costs little. Raises ValueError for files that contain no state dict.
     """
     import torch
 
@@ -121,7 +121,7 @@ def read_checkpoint(path: str) -> CheckpointContents:
         except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError here
             raise ValueError(f"cannot read CLIP checkpoint {path}: {err}") from err
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"CLIP checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict")
+        raise ValueError(f"CLIP checkpoint {path} contains a {type(checkpoint).__name__}, not a state dict")
 
     contents = CheckpointContents(state_dict={})
     config = checkpoint.get("config")

@@ -5,8 +5,8 @@
             -> scores merged into the records
             -> FilterClipScores (absolute thresholds, or top fraction per language in two passes)
 
-With one model for both languages there is one RunInference step; with one model per language
-there is one step per model, each scoring its own language.
+One model for both languages gives one RunInference step. With one model per language there is
+one step per model, and each scores its own language.
 """
 
 from __future__ import annotations
