@@ -6,7 +6,7 @@ Steps:
    into the repository. A train manifest has one row per photo with Chinese caption N (written
    by native speakers) and English caption N. A test manifest has English caption N and its
    human Chinese translation. Curate keeps one row per image per run (exact sha256 dedup), so
-   the N runs give each photo up to 5 captions per language; evaluation groups them by image.
+   the N runs give each photo up to 5 captions per language. Evaluation groups them by image.
 2. Train a bilingual BPE tokenizer on the train shards' captions.
 3. Train ``bm6b-tiny`` with the grouped ITC loss (one process), then run zero-shot retrieval on
    the test shards for the trained and the untrained model.
