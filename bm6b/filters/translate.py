@@ -69,6 +69,8 @@ _HAN_RUN_RE = re.compile(f"[{HAN_CLASS}]+")
 _HAN_RE = re.compile(f"[{HAN_CLASS}]")
 _CJK_RE = re.compile("[\u3400-\u9fff]")  # CJK Unified Ideographs and Extension A
 _DROP_FUNCTION_CHARS = {ord(char): None for char in ZH_FUNCTION_CHARS}
+_BREAK_FUNCTION_CHARS = {ord(char): " " for char in ZH_FUNCTION_CHARS}
+_CJK_RUN_RE = re.compile("[\u3400-\u9fff]+")
 _EN_WORD_RE = re.compile(r"[a-z]+(?:'[a-z]+)?")
 _LATIN_TOKEN_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*|[0-9]+(?:\.[0-9]+)?")
 _DIGITS_RE = re.compile(r"[0-9]+(?:\.[0-9]+)?")
@@ -249,6 +251,16 @@ class CedictIndex:
                 for g in self.glosses[word]
                 if len(g) >= PREFIX_CHARS - 1
             )
+        return keys
+
+    def match_keys(self, word: str) -> frozenset[str]:
+        """Return the gloss stems of ``word`` together with their ``prefixes``, cached per word."""
+        cache = self.__dict__.get("_match_keys")
+        if cache is None:
+            cache = self.__dict__["_match_keys"] = {}
+        keys = cache.get(word)
+        if keys is None:
+            keys = cache[word] = self.glosses[word] | self.prefixes(word)
         return keys
 
     def partial_keys(self, word_stem: str) -> frozenset[str]:
@@ -444,17 +456,17 @@ def agreement(zh_items: set, en_items: set) -> float | None:
     return len(zh_items & en_items) / len(union)
 
 
-def _count_runs(positions: list[int], covered: set[int]) -> int:
-    """Count the maximal runs of consecutive ``positions`` that are not in ``covered``."""
-    runs = 0
-    previous = -2
-    for i in positions:
-        if i in covered:
-            continue
-        if i != previous + 1:
-            runs += 1
-        previous = i
-    return runs
+def _uncovered_content_runs(zh: str, covered: set[int]) -> list[str]:
+    """Return the maximal runs of Chinese content characters of ``zh`` outside ``covered``.
+
+    A covered position or a function character (ZH_FUNCTION_CHARS) ends a run.
+    """
+    if covered:
+        chars = list(zh)
+        for i in covered:
+            chars[i] = " "
+        zh = "".join(chars)
+    return _CJK_RUN_RE.findall(zh.translate(_BREAK_FUNCTION_CHARS))
 
 
 Encoder = Callable[[Sequence[str]], Sequence[Sequence[float]]]
@@ -494,12 +506,13 @@ class TranslateChecker:
         subscores: dict[str, float] = {}
         matched = len(stems) - len(unmatched_stems)
         subscores["en_coverage"] = matched / len(stems) if stems else 0.0
-        content_positions = [i for i, char in enumerate(zh) if _is_zh_content(char)]
-        covered = sum(1 for i in content_positions if i in covered_positions)
-        subscores["zh_coverage"] = covered / len(content_positions) if content_positions else 0.0
+        content = len(_CJK_RE.findall(zh.translate(_DROP_FUNCTION_CHARS)))
+        uncovered_runs = _uncovered_content_runs(zh, covered_positions)
+        uncovered = sum(len(run) for run in uncovered_runs)
+        subscores["zh_coverage"] = (content - uncovered) / content if content else 0.0
         subscores["coverage_min"] = min(subscores["en_coverage"], subscores["zh_coverage"])
         subscores["en_unmatched"] = float(min(len(unmatched_stems), MAX_UNMATCHED))
-        subscores["zh_unmatched"] = float(min(_count_runs(content_positions, covered_positions), MAX_UNMATCHED))
+        subscores["zh_unmatched"] = float(min(len(uncovered_runs), MAX_UNMATCHED))
         subscores["length"], _ = length_score(zh, len(en_tokens), config)
         tokens = token_score(zh, en)
         if tokens is not None:
@@ -545,17 +558,21 @@ class TranslateChecker:
 
         index = self.index
         partial = {s: index.partial_keys(s) for s in unmatched}
+        all_keys = frozenset().union(*partial.values())
+        if not all_keys:
+            return unmatched, covered_positions
+        match_keys = index.match_keys
+        found: set[str] = set()
         for word in words:
-            keys = glosses[word] | index.prefixes(word)
-            found = {s for s, s_keys in partial.items() if not keys.isdisjoint(s_keys)}
-            if found:
-                for start in occurrences(zh, word):
-                    covered_positions.update(range(start, start + len(word)))
-                for s in found:
-                    del partial[s]
-                if not partial:
-                    break
-        unmatched = list(partial)
+            keys = match_keys(word)
+            if keys.isdisjoint(all_keys):
+                continue
+            # Every matching word is covered, not only the first one found, so the result does
+            # not depend on the iteration order of the ``words`` set.
+            for start in occurrences(zh, word):
+                covered_positions.update(range(start, start + len(word)))
+            found.update(s for s, s_keys in partial.items() if not keys.isdisjoint(s_keys))
+        unmatched = [s for s in unmatched if s not in found]
         return unmatched, covered_positions
 
     def _hard_rule(self, zh: str, en: str) -> str | None:
