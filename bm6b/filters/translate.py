@@ -3,8 +3,8 @@
 The scorer needs no model. Its sub-scores, each in [0, 1] unless stated:
 
 * ``en_coverage``: share of English content words whose stem appears in the CC-CEDICT glosses of
-  some word written in the Chinese caption (every dictionary word found as a substring counts;
-  an English word left over also matches by prefix or as a compound, see ``_align``).
+  some word written in the Chinese caption (every dictionary word found as a substring counts).
+  An English word left over also matches by prefix or as a compound, see ``_align``.
 * ``zh_coverage``: share of Chinese content characters (CJK Unified Ideographs and Extension A)
   inside a dictionary word whose glosses contain an English content word of the other caption.
 * ``coverage_min``: the smaller of the two coverages, since a translation covers both ways.
@@ -266,9 +266,9 @@ class CedictIndex:
     def partial_keys(self, word_stem: str) -> frozenset[str]:
         """Keys under which an unmatched English stem may still meet a gloss.
 
-        Its first five and first four letters (met by ``prefixes``), and each half of a split into
-        two parts of at least three letters when both halves are gloss stems somewhere in CC-CEDICT
-        and the whole stem is not ("chairlift" gives "chair" and "lift").
+        The keys are its first five and first four letters (met by ``prefixes``). A stem that no
+        gloss contains is also split into two parts of at least three letters, and both halves of
+        a split become keys when each is a gloss stem ("chairlift" gives "chair" and "lift").
         """
         cache = self.__dict__.setdefault("_partial_keys", {})
         keys = cache.get(word_stem)
