@@ -170,10 +170,6 @@ def _content_stems_of(words: list[str]) -> list[str]:
     return list(seen)
 
 
-def _is_zh_content(char: str) -> bool:
-    return "\u3400" <= char <= "\u9fff" and char not in ZH_FUNCTION_CHARS
-
-
 def _gloss_stems(definitions: str) -> set[str]:
     stems: set[str] = set()
     for definition in definitions.split("/"):
@@ -538,7 +534,7 @@ class TranslateChecker:
         """
         en_forms = {form for s in stems for form in alternatives(s)}
         # Gloss stems that meet the English forms: the only part of the licensed words that can
-        # match a caption word, so the union of all glosses is built only for leftover stems.
+        # match a caption word, so the glosses of the caption's words are never merged into one set.
         hits: set[str] = set()
         covered_positions: set[int] = set()
         glosses = self.index.glosses
