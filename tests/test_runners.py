@@ -142,12 +142,6 @@ def test_dataflow_cpu_dry_run(dataflow_api):
     assert environment.temp_storage_prefix == "storage.googleapis.com/my-bucket/tmp"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="the CLIP stage checks CUDA and the checkpoint file on the launching machine, so a GPU job "
-    "cannot be launched from a machine without a GPU or without the weights that only the image holds",
-)
 def test_dataflow_gpu_dry_run(dataflow_api):
     job, options, args = dataflow_job(command_for("DataflowRunner", "nvidia-l4"))
 
@@ -235,3 +229,19 @@ def test_local_multiprocess_on_sample(tmp_path):
     assert stats["rejects_by_reason"] == reference["rejects_by_reason"]
     assert (output / "report" / "index.html").is_file()
     assert os.path.getsize(output / "00000.tar") > 0
+
+
+def test_local_runs_check_clip_models_here(tmp_path):
+    from bm6b.pipelines.curate import runs_locally
+
+    assert runs_locally(pipeline_options([]))
+    assert runs_locally(pipeline_options(["--runner", "DirectRunner"]))
+    assert not runs_locally(pipeline_options(["--runner", "DataflowRunner"]))
+    assert not runs_locally(pipeline_options(["--runner", "FlinkRunner"]))
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("url,caption\nhttp://127.0.0.1:9/a.jpg,a cat\n", encoding="utf-8")
+    command = ["curate", str(manifest), "-o", str(tmp_path / "out"), "--clip-model", "bm6b-tiny",
+               "--clip-checkpoint", str(tmp_path / "missing.pt")]
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        build(command)

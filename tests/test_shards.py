@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 
 import pyarrow.parquet as pq
@@ -66,3 +67,14 @@ def test_shard_assignment_is_balanced():
     for row in range(4000):
         counts[shard_for_key(make_key("manifest.parquet", row), 4)] += 1
     assert all(900 < c < 1100 for c in counts), counts
+
+
+def test_embeddings_stay_out_of_the_tar_json(tmp_path):
+    records = make_records()
+    records[0]["clip_image_embedding"] = [0.5, -0.25]
+    write_shard(str(tmp_path), 0, records)
+    samples = {s["__key__"]: s for s in wds.WebDataset(str(tmp_path / "00000.tar"), shardshuffle=False)}
+    assert "clip_image_embedding" not in json.loads(samples[records[0]["key"]]["json"])
+    table = pq.read_table(tmp_path / "00000.parquet")
+    embeddings = dict(zip(table.column("key").to_pylist(), table.column("clip_image_embedding").to_pylist()))
+    assert embeddings[records[0]["key"]] == [0.5, -0.25]

@@ -280,8 +280,12 @@ class ClipScoreAndFilter(beam.PTransform):
         return StageOutput(filtered.records, rejects)
 
 
-def stage_config_from_curate(config) -> ClipStageConfig | None:
+def stage_config_from_curate(config, check_models: bool = True) -> ClipStageConfig | None:
     """Build the CLIP stage config from a ``CurateConfig``'s ``clip_*`` fields; None when scoring is off.
+
+    ``check_models`` verifies here that the checkpoints exist and the device is usable. Pass False
+    when the job runs on remote workers (Dataflow, Flink, Spark): their image holds the weights and
+    the GPU, which the launching machine may lack.
 
     ``clip_model``/``clip_checkpoint`` serve both languages; ``clip_model_zh``/``clip_model_en``
     (with their checkpoints) replace them for one language. ``clip_min_score`` and
@@ -318,5 +322,10 @@ def stage_config_from_curate(config) -> ClipStageConfig | None:
         min_batch_size=config.clip_min_batch_size,
         max_batch_size=config.clip_batch_size,
     )
-    stage.check_models()
+    if check_models:
+        stage.check_models()
+    else:
+        logger.info("CLIP models are checked on the workers, not on this machine: %s",
+                    ", ".join(f"{spec.model_name} ({spec.checkpoint or 'random init'}) on {spec.device}"
+                              for spec, _ in stage.groups()))
     return stage

@@ -90,7 +90,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: CurateConfig) -> None:
     records, dedup_rejects = apply_dedup_steps(unique.records, config.dedup)
     stage_rejects = [read.rejects, *url_rejects, downloaded.rejects, *caption_rejects,
                      unique.rejects, *dedup_rejects]
-    clip_config = stage_config_from_curate(config)
+    clip_config = stage_config_from_curate(config, check_models=runs_locally(pipeline.options))
     if clip_config is not None:
         scored = records | "ClipScore" >> stages.ClipScore(clip_config)
         records = scored.records
@@ -168,6 +168,16 @@ def expand_inputs(patterns: list[str]) -> list[str]:
         # Keys hash the path and the row number, so reading a file twice would repeat its keys.
         logger.warning("ignoring %d input path(s) given more than once", len(paths) - len(unique))
     return unique
+
+
+# Runners that execute the pipeline on this machine, where model files and devices can be checked.
+LOCAL_RUNNERS = frozenset({"FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner", "PrismRunner"})
+
+
+def runs_locally(options: PipelineOptions) -> bool:
+    runner = options.view_as(StandardOptions).runner
+    name = runner if isinstance(runner, str) or runner is None else type(runner).__name__
+    return name is None or name.split(".")[-1] in LOCAL_RUNNERS
 
 
 def pipeline_options(beam_args: list[str] | None) -> PipelineOptions:

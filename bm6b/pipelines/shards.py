@@ -19,6 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 from bm6b.schemas import RECORD_SCHEMA, record_to_row
 
 SHARD_DIGITS = 5
+EMBEDDING_FIELDS = frozenset({"clip_image_embedding", "clip_text_embedding_zh", "clip_text_embedding_en"})
 
 
 def shard_name(index: int) -> str:
@@ -58,7 +59,8 @@ def build_tar(records: list[dict[str, Any]]) -> bytes:
                 _tar_member(tar, f"{key}.zh.txt", record["caption_zh"].encode("utf-8"))
             if record.get("caption_en"):
                 _tar_member(tar, f"{key}.en.txt", record["caption_en"].encode("utf-8"))
-            row = record_to_row(record)
+            # Embeddings (when kept) stay in the Parquet file only: as JSON they would add tens of KB per sample.
+            row = {k: v for k, v in record_to_row(record).items() if k not in EMBEDDING_FIELDS}
             _tar_member(tar, f"{key}.json", json.dumps(row, ensure_ascii=False).encode("utf-8"))
     return buffer.getvalue()
 
