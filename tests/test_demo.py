@@ -51,3 +51,13 @@ def test_demo_shards_open(demo_output):
     by_key = {s["__key__"]: s for s in samples}
     rotated = next(r for r in table.to_pylist() if r["url"].endswith("pillow_hopper_orientation_6.jpg"))
     assert by_key[rotated["key"]]["zh.txt"].decode() == "格蕾丝·霍珀的肖像照片。"
+
+
+def test_readme_shows_the_demo_funnel(demo_output):
+    from conftest import REPO_ROOT
+
+    from bm6b.pipelines.stats import format_funnel
+
+    stats = json.loads((demo_output / "stats.json").read_text())
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    assert format_funnel(stats) in readme
