@@ -61,9 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if getattr(args, "accepts_extra", False):
-        return int(args.func(args, extra) or 0)
-    return int(args.func(args) or 0)
+    try:
+        if getattr(args, "accepts_extra", False):
+            return int(args.func(args, extra) or 0)
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as err:
+        # Bad paths and values from the user: one line, not a traceback (which --log-level DEBUG shows).
+        logging.getLogger("bm6b").debug("%s failed", args.command, exc_info=True)
+        logging.getLogger("bm6b").error("%s", err)
+        return 2
 
 
 if __name__ == "__main__":

@@ -57,3 +57,65 @@ def test_curate_blocks_loopback_without_allow_network(tmp_path, serve_folder, sh
     assert main(["curate", str(manifest), "--output", str(out)]) == 0
     stats = json.loads((out / "stats.json").read_text())
     assert stats["rejects_by_reason"] == {"blocked_address": 1}
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--samples-per-shard", "0", "must be at least 1"),
+        ("--samples-per-shard", "-5", "must be at least 1"),
+        ("--timeout", "-1", "must be greater than 0"),
+        ("--connect-timeout", "0", "must be greater than 0"),
+        ("--deadline", "-1", "must be greater than 0"),
+        ("--allow-network", "notacidr", "not a network in CIDR form"),
+    ],
+)
+def test_invalid_option_values_are_usage_errors(tmp_path, capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["curate", str(tmp_path / "m.csv"), "--output", str(tmp_path / "out"), option, value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_option_is_an_error(tmp_path, caplog):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("url,caption\nhttp://127.0.0.1:9/a.jpg,a cat\n", encoding="utf-8")
+    code = main(["curate", str(manifest), "--output", str(tmp_path / "out"), "--min-image-sise", "5000"])
+    assert code == 2
+    assert "unrecognized arguments: --min_image_sise" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_that_is_a_file(tmp_path, caplog):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("url,caption\nhttp://127.0.0.1:9/a.jpg,a cat\n", encoding="utf-8")
+    (tmp_path / "afile").write_text("x")
+    assert main(["curate", str(manifest), "--output", str(tmp_path / "afile")]) == 2
+    assert "is a file; give a folder" in caplog.text
+
+
+def test_broken_gzip_midway_becomes_a_reject(tmp_path):
+    import gzip
+
+    rows = "".join(f'{{"url": "http://127.0.0.1:9/{i}.jpg", "caption": "photo number {i} of many"}}\n' for i in range(2000))
+    data = gzip.compress(rows.encode())
+    manifest = tmp_path / "m.jsonl.gz"
+    manifest.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    assert main(["curate", str(manifest), "--output", str(out), "--retries", "0"]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["rejects_by_reason"]["bad_row"] == 1
+    assert stats["input_rows"] == stats["kept"] + stats["rejected"]
+
+
+def test_train_with_missing_shards_is_one_line_error(tmp_path, caplog):
+    code = main(["train", "--shards", str(tmp_path / "nosuch" / "{00000..00003}.tar"), "-o", str(tmp_path / "run"), "--steps", "1"])
+    assert code == 2
+    assert "not found" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def test_eval_with_missing_checkpoint_is_one_line_error(tmp_path, caplog):
+    code = main(["eval", "--shards", str(tmp_path / "x.tar"), "--checkpoint", str(tmp_path / "nosuch.pt")])
+    assert code == 2
+    assert "nosuch.pt" in caplog.text or "x.tar" in caplog.text

@@ -134,3 +134,61 @@ def test_laion_parquet_columns_are_detected(shared_raw):
     resolved = ingest.check_manifest(str(path), ingest.ColumnMap())
     assert resolved.url_col == "URL"
     assert resolved.caption_col == "TEXT"
+
+
+def test_byte_order_mark_is_ignored(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_bytes("\ufeffurl,caption_en\r\nhttp://example.test/a.jpg,A cat .\r\n".encode("utf-8"))
+    kind, record = read_all(path)[0]
+    assert kind == "record"
+    assert record["url"] == "http://example.test/a.jpg"
+
+
+def test_lone_surrogate_in_json_is_replaced(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"url": "http://example.test/a.jpg", "caption_en": "Brick wall \\ud800 texture."}\n', encoding="utf-8")
+    kind, record = read_all(path)[0]
+    assert kind == "record"
+    assert record["caption_en"] == "Brick wall ? texture."
+
+
+def test_non_text_cells_are_bad_rows(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text(
+        '{"url": "http://example.test/a.jpg", "caption_en": {"text": "nested"}}\n'
+        '{"url": "http://example.test/b.jpg", "caption_en": "ok", "caption_zh": ["列表"]}\n'
+        '{"url": "http://example.test/c.jpg", "caption_en": 1.5}\n',
+        encoding="utf-8",
+    )
+    results = read_all(path)
+    assert [value.get("reason") for _, value in results] == ["bad_row", "bad_row", None]
+    assert results[0][1]["detail"] == f"{path} row 0: column 'caption_en' holds a dict, not text"
+    assert results[1][1]["detail"] == f"{path} row 1: column 'caption_zh' holds a list, not text"
+    assert results[2][1]["caption_en"] == "1.5"
+
+
+def test_long_csv_field_is_read(tmp_path):
+    path = tmp_path / "m.csv"
+    caption = "a" * 300_000
+    path.write_text(f"url,caption_en\nhttp://example.test/a.jpg,{caption}\n", encoding="utf-8")
+    assert read_all(path)[0][1]["caption_en"] == caption
+
+
+def test_file_named_gz_that_is_not_gzip(tmp_path):
+    path = tmp_path / "m.csv.gz"
+    path.write_text("url,caption\nhttp://example.test/a.jpg,a cat\n", encoding="utf-8")
+    with pytest.raises(ingest.ManifestError, match=r"m.csv.gz: unreadable from data row 0 on: BadGzipFile"):
+        ingest.check_manifest(str(path), ingest.ColumnMap())
+
+
+def test_truncated_gzip_keeps_rows_before_the_break(tmp_path):
+    rows = "".join(f'{{"url": "http://example.test/{i}.jpg", "caption": "photo number {i} of many"}}\n' for i in range(2000))
+    data = gzip.compress(rows.encode())
+    path = tmp_path / "m.jsonl.gz"
+    path.write_bytes(data[: len(data) // 2])
+    seen = []
+    with pytest.raises(ingest.ManifestError) as caught:
+        for row, fields, resolved in ingest.iter_manifest(str(path), ingest.ColumnMap()):
+            seen.append(row)
+    assert seen == list(range(len(seen))) and 0 < len(seen) < 2000
+    assert caught.value.row == len(seen)

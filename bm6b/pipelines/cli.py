@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 
 from bm6b.dedup.cli import add_dedup_arguments, dedup_config_from_args
@@ -13,6 +14,42 @@ from bm6b.pipelines import ingest
 from bm6b.recipes import add_recipe_option
 
 logger = logging.getLogger(__name__)
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def cidr(text: str) -> str:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not a network in CIDR form such as 127.0.0.0/8: {err}") from None
+    return text
 
 
 def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,19 +65,19 @@ def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
         "Fetching is guarded: URLs resolving to loopback, private, link-local (cloud metadata), multicast or "
         "reserved addresses are rejected as blocked_address unless --allow-network covers them.",
     )
-    fetch.add_argument("--timeout", type=float, default=FetchConfig.timeout,
+    fetch.add_argument("--timeout", type=positive_float, default=FetchConfig.timeout,
                        help="seconds a single socket read may wait for data (default: %(default)s)")
-    fetch.add_argument("--connect-timeout", type=float, default=FetchConfig.connect_timeout,
+    fetch.add_argument("--connect-timeout", type=positive_float, default=FetchConfig.connect_timeout,
                        help="seconds for the TCP connect and TLS handshake (default: %(default)s)")
-    fetch.add_argument("--deadline", type=float, default=FetchConfig.deadline,
+    fetch.add_argument("--deadline", type=positive_float, default=FetchConfig.deadline,
                        help="total seconds per URL, redirects, retries and backoff included (default: %(default)s)")
-    fetch.add_argument("--max-bytes", type=int, default=FetchConfig.max_bytes,
+    fetch.add_argument("--max-bytes", type=positive_int, default=FetchConfig.max_bytes,
                        help="maximum image size in bytes, checked on Content-Length and while reading (default: %(default)s)")
-    fetch.add_argument("--min-throughput", type=float, default=FetchConfig.min_throughput,
+    fetch.add_argument("--min-throughput", type=non_negative_float, default=FetchConfig.min_throughput,
                        help="bytes per second below which a transfer is cut off as too_slow after "
                        f"{FetchConfig.throughput_grace:g}s; 0 disables (default: %(default)s)")
-    fetch.add_argument("--max-redirects", type=int, default=FetchConfig.max_redirects, help="(default: %(default)s)")
-    fetch.add_argument("--retries", type=int, default=FetchConfig.retries,
+    fetch.add_argument("--max-redirects", type=non_negative_int, default=FetchConfig.max_redirects, help="(default: %(default)s)")
+    fetch.add_argument("--retries", type=non_negative_int, default=FetchConfig.retries,
                        help="extra attempts for DNS, connect, timeout, reset, 429 and 5xx failures, with exponential "
                        "backoff and jitter; Retry-After is honoured (default: %(default)s)")
     fetch.add_argument("--user-agent", default=FetchConfig.user_agent, help="User-Agent header sent with each request")
@@ -48,29 +85,30 @@ def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
                        help="download even when X-Robots-Tag says noai, noimageai, noindex, noimageindex or none")
     fetch.add_argument("--robots-txt", action="store_true",
                        help="fetch robots.txt once per host and skip disallowed URLs as opted_out")
-    fetch.add_argument("--host-concurrency", type=int, default=FetchConfig.host_concurrency,
+    fetch.add_argument("--host-concurrency", type=non_negative_int, default=FetchConfig.host_concurrency,
                        help="simultaneous requests per host and worker; 0: no cap (default: %(default)s)")
-    fetch.add_argument("--host-rate", type=float, default=FetchConfig.host_rate,
+    fetch.add_argument("--host-rate", type=non_negative_float, default=FetchConfig.host_rate,
                        help="requests per second per host and worker (token bucket); 0: no limit (default: %(default)s)")
-    fetch.add_argument("--max-connections", type=int, default=FetchConfig.max_connections,
+    fetch.add_argument("--max-connections", type=non_negative_int, default=FetchConfig.max_connections,
                        help="simultaneous requests per worker over all hosts; 0: no cap (default: %(default)s)")
-    fetch.add_argument("--breaker-failures", type=int, default=FetchConfig.breaker_failures,
+    fetch.add_argument("--breaker-failures", type=non_negative_int, default=FetchConfig.breaker_failures,
                        help="consecutive failures after which a host is skipped as host_failing for "
                        f"{FetchConfig.breaker_cooldown:g}s; 0 disables (default: %(default)s)")
     fetch.add_argument(
         "--allow-network",
         action="append",
         default=[],
+        type=cidr,
         metavar="CIDR",
         help="exempt a network from the SSRF guard, e.g. 127.0.0.0/8 for a local test server (repeatable)",
     )
-    fetch.add_argument("--download-threads", type=int, default=16, help="concurrent downloads per worker")
+    fetch.add_argument("--download-threads", type=positive_int, default=16, help="concurrent downloads per worker")
     fetch.add_argument("--retry-failed", metavar="PREVIOUS_OUTPUT",
                        help="re-run only the samples that PREVIOUS_OUTPUT rejected for a retryable reason (dns, connect, "
                        "timeout, reset, too_slow, http_429, http_5xx, host_failing); pass the same column options")
 
     image = parser.add_argument_group("images")
-    image.add_argument("--image-size", type=int, default=ImageConfig.image_size, help="target size in pixels")
+    image.add_argument("--image-size", type=positive_int, default=ImageConfig.image_size, help="target size in pixels")
     image.add_argument("--resize-mode", default=ImageConfig.resize_mode, choices=list(RESIZE_MODES),
                        help="keep_ratio: shorter side becomes --image-size; keep_ratio_largest: longer side does; "
                        "center_crop: shorter side, then the centre square; border: longer side, then padded to a "
@@ -83,10 +121,10 @@ def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
     image.add_argument("--webp-quality", type=int, default=ImageConfig.webp_quality, help="(default: %(default)s)")
     image.add_argument("--background", default="255,255,255", metavar="R,G,B",
                        help="colour behind transparent pixels and border padding (default: %(default)s)")
-    image.add_argument("--max-pixels", type=int, default=ImageConfig.max_pixels,
+    image.add_argument("--max-pixels", type=positive_int, default=ImageConfig.max_pixels,
                        help="reject images with more pixels as decompression_bomb (default: %(default)s)")
-    image.add_argument("--min-image-size", type=int, default=0, help="reject images whose shorter side is smaller")
-    image.add_argument("--max-aspect-ratio", type=float, default=0.0, help="reject longer/shorter above this (0: off)")
+    image.add_argument("--min-image-size", type=non_negative_int, default=0, help="reject images whose shorter side is smaller")
+    image.add_argument("--max-aspect-ratio", type=non_negative_float, default=0.0, help="reject longer/shorter above this (0: off)")
 
     clip = parser.add_argument_group(
         "CLIP score",
@@ -106,8 +144,8 @@ def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
     clip.add_argument("--clip-device", default="cpu", help="torch device for scoring: cpu, cuda or cuda:N")
     clip.add_argument("--clip-precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                       help="dtype of the model weights; fp16 needs CUDA (default: fp32)")
-    clip.add_argument("--clip-batch-size", type=int, default=64, help="maximum images per model call (default: 64)")
-    clip.add_argument("--clip-min-batch-size", type=int, default=1,
+    clip.add_argument("--clip-batch-size", type=positive_int, default=64, help="maximum images per model call (default: 64)")
+    clip.add_argument("--clip-min-batch-size", type=positive_int, default=1,
                       help="minimum images per model call; Beam grows batches between the two (default: 1)")
     clip.add_argument("--clip-min-score", type=float, metavar="COSINE",
                       help="reject samples with a caption scoring below this cosine similarity, in every scored language")
@@ -126,7 +164,7 @@ def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
     add_dedup_arguments(parser)
 
     out = parser.add_argument_group("output")
-    out.add_argument("--samples-per-shard", type=int, default=10_000)
+    out.add_argument("--samples-per-shard", type=positive_int, default=10_000)
     out.add_argument("--overwrite", action="store_true", help="replace curate output already in --output")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from typing import Any
 
@@ -149,6 +150,8 @@ def prepare_output(output: str, overwrite: bool) -> None:
             f"{output} already contains curate output ({len(existing)} files, e.g. {existing[0]}); "
             "choose another --output or pass --overwrite"
         )
+    if os.path.isfile(output):
+        raise FileExistsError(f"--output {output} is a file; give a folder")
     if existing:
         FileSystems.delete(existing)
     if not FileSystems.exists(output):
@@ -181,7 +184,17 @@ def runs_locally(options: PipelineOptions) -> bool:
 
 
 def pipeline_options(beam_args: list[str] | None) -> PipelineOptions:
+    """Build the Beam options; raise ValueError naming any argument that neither bm6b nor Beam knows.
+
+    Beam itself only logs a warning for an unknown flag, so a typo such as ``--min-image-sise``
+    would otherwise run the job without the intended filter.
+    """
     options = PipelineOptions(beam_args or [])
+    with_unknown = options.get_all_options(retain_unknown_options=True)
+    unknown = sorted(set(with_unknown) - set(options.get_all_options()))
+    if unknown:
+        flags = ", ".join("--" + name for name in unknown)
+        raise ValueError(f"unrecognized arguments: {flags} (neither bm6b nor Apache Beam has these options)")
     standard = options.view_as(StandardOptions)
     if not standard.runner:
         standard.runner = DEFAULT_RUNNER
@@ -199,9 +212,9 @@ def run_curate(config: CurateConfig, beam_args: list[str] | None = None) -> dict
     config.inputs = expand_inputs(manifests)
     for path in config.inputs:
         ingest.check_manifest(path, config.columns)
+    options = pipeline_options(beam_args)
     prepare_output(config.output, config.overwrite)
 
-    options = pipeline_options(beam_args)
     started = time.monotonic()
     pipeline = beam.Pipeline(runner=progress.runner_for(options), options=options)
     build_pipeline(pipeline, config)

@@ -13,6 +13,7 @@ import gzip
 import io
 import json
 import urllib.parse
+import zlib
 from typing import Any, BinaryIO, Iterator
 
 from bm6b.schemas import Reason, make_key, make_reject, make_uid, new_record
@@ -26,6 +27,9 @@ CAPTION_EN_COLUMNS = ("caption_en", "en", "text_en")
 CAPTION_COLUMNS = ("caption", "text", "TEXT", "alt", "alt_text")
 
 BATCH_ROWS = 4096  # Parquet rows per read batch: bounds memory while streaming
+
+# csv's default limit is 128 KiB per field; a long caption is a caption-rule matter, not a parse error.
+csv.field_size_limit(64 * 1024 * 1024)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +69,24 @@ class ColumnMap:
             )
         return ColumnMap(url_col, zh_col, en_col, caption_col)
 
+    def resolve_lenient(self, fields: dict[str, Any], first: "ColumnMap") -> "ColumnMap":
+        """Resolve the detected columns again for one JSON row, whose keys may differ from the first row's.
+
+        Explicitly named columns stay as given; a detected role falls back to the first row's
+        choice when this row has none of its candidates (the cell then reads as empty).
+        """
+        if self.caption_zh_col or self.caption_en_col or self.caption_col:
+            return first
+        url_col = self.url_col or _first_present(URL_COLUMNS, fields) or first.url_col
+        zh_col = _first_present(CAPTION_ZH_COLUMNS, fields) or first.caption_zh_col
+        en_col = _first_present(CAPTION_EN_COLUMNS, fields) or first.caption_en_col
+        caption_col = None if (zh_col or en_col) else (_first_present(CAPTION_COLUMNS, fields) or first.caption_col)
+        return ColumnMap(url_col, zh_col, en_col, caption_col)
+
+
+def _first_present(candidates: tuple[str, ...], present) -> str | None:
+    return next((c for c in candidates if c in present), None)
+
 
 def manifest_format(path: str) -> tuple[str, bool]:
     """Return (format, gzipped) from the file name: format is parquet, csv, tsv or jsonl."""
@@ -86,17 +108,39 @@ def _open(path: str) -> BinaryIO:
     return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
 
 
+class ManifestError(ValueError):
+    """The manifest file cannot be read on from ``row`` (not gzip, truncated, corrupt Parquet, ...)."""
+
+    def __init__(self, path: str, row: int, error: BaseException):
+        super().__init__(f"{path}: unreadable from data row {row} on: {type(error).__name__}: {error}")
+        self.path = path
+        self.row = row
+
+
 def iter_manifest(path: str, columns: ColumnMap) -> Iterator[tuple[int, dict[str, Any] | str, ColumnMap]]:
-    """Yield ``(row, fields, resolved_columns)`` per data row; ``fields`` is an error string for a bad row."""
+    """Yield ``(row, fields, resolved_columns)`` per data row; ``fields`` is an error string for a bad row.
+
+    Raises ``ManifestError`` when the file itself stops being readable (a broken gzip stream, a
+    truncated Parquet file); the rows before that point have been yielded.
+    """
+    import pyarrow as pa
+
     fmt, gz = manifest_format(path)
-    with _open(path) as raw:
-        stream: BinaryIO = gzip.GzipFile(fileobj=raw) if gz else raw
-        if fmt == "parquet":
-            yield from _iter_parquet(stream, path, columns)
-        elif fmt in ("csv", "tsv"):
-            yield from _iter_delimited(stream, path, columns, "\t" if fmt == "tsv" else ",")
-        else:
-            yield from _iter_jsonl(stream, path, columns)
+    row = 0
+    try:
+        with _open(path) as raw:
+            stream: BinaryIO = gzip.GzipFile(fileobj=raw) if gz else raw
+            if fmt == "parquet":
+                rows = _iter_parquet(stream, path, columns)
+            elif fmt in ("csv", "tsv"):
+                rows = _iter_delimited(stream, path, columns, "\t" if fmt == "tsv" else ",")
+            else:
+                rows = _iter_jsonl(stream, path, columns)
+            for item in rows:
+                row = item[0] + 1
+                yield item
+    except (OSError, EOFError, zlib.error, csv.Error, pa.ArrowException) as err:
+        raise ManifestError(path, row, err) from err
 
 
 def _iter_parquet(stream: BinaryIO, path: str, columns: ColumnMap):
@@ -116,7 +160,8 @@ def _iter_parquet(stream: BinaryIO, path: str, columns: ColumnMap):
 
 
 def _iter_delimited(stream: BinaryIO, path: str, columns: ColumnMap, delimiter: str):
-    text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="")
+    # utf-8-sig drops the byte-order mark that Excel and Windows tools put before the header.
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace", newline="")
     reader = csv.reader(text, delimiter=delimiter)
     try:
         header = next(reader)
@@ -133,7 +178,7 @@ def _iter_delimited(stream: BinaryIO, path: str, columns: ColumnMap, delimiter: 
 def _iter_jsonl(stream: BinaryIO, path: str, columns: ColumnMap):
     resolved: ColumnMap | None = None
     row = 0
-    for line in io.TextIOWrapper(stream, encoding="utf-8", errors="replace"):
+    for line in io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace"):
         if not line.strip():
             continue
         try:
@@ -146,16 +191,24 @@ def _iter_jsonl(stream: BinaryIO, path: str, columns: ColumnMap):
             continue
         if resolved is None:
             resolved = columns.resolve(list(fields), path)
-        yield row, fields, resolved
+        yield row, fields, columns.resolve_lenient(fields, resolved)
         row += 1
 
 
-def _text(value: Any) -> str | None:
+class CellError(ValueError):
+    """A URL or caption cell holds something other than text (a list, an object, bytes)."""
+
+
+def _text(value: Any, column: str) -> str | None:
     if value is None:
         return None
     if isinstance(value, float) and value != value:  # NaN from pandas-written files
         return None
+    if isinstance(value, (dict, list, tuple, bytes, bytearray)):
+        raise CellError(f"column {column!r} holds a {type(value).__name__}, not text")
     text = str(value)
+    # JSON may carry lone UTF-16 surrogates ("\ud800"), which cannot be encoded; replace them.
+    text = text.encode("utf-8", "replace").decode("utf-8")
     return text if text.strip() else None
 
 
@@ -166,11 +219,15 @@ def row_to_record(source: str, row: int, fields: dict[str, Any] | str, columns: 
         reject = {"key": key, "source": source, "source_row": row, "input": None}
         return "reject", make_reject(reject, stage=STAGE, reason=Reason.BAD_ROW, detail=f"{source} row {row}: {fields}")
 
-    url = _text(fields.get(columns.url_col)) if columns.url_col else None
-    caption_zh = _text(fields.get(columns.caption_zh_col)) if columns.caption_zh_col else None
-    caption_en = _text(fields.get(columns.caption_en_col)) if columns.caption_en_col else None
-    caption = _text(fields.get(columns.caption_col)) if columns.caption_col else None
-    input_row = json.dumps(fields, ensure_ascii=False, default=str)
+    input_row = json.dumps(fields, ensure_ascii=False, default=str).encode("utf-8", "replace").decode("utf-8")
+    try:
+        url, caption_zh, caption_en, caption = (
+            _text(fields.get(column), column) if column else None
+            for column in (columns.url_col, columns.caption_zh_col, columns.caption_en_col, columns.caption_col)
+        )
+    except CellError as err:
+        reject = {"key": key, "source": source, "source_row": row, "input": input_row}
+        return "reject", make_reject(reject, stage=STAGE, reason=Reason.BAD_ROW, detail=f"{source} row {row}: {err}")
 
     base = {"key": key, "source": source, "source_row": row, "url": url, "input": input_row}
     if url is None:

@@ -22,7 +22,7 @@ from bm6b.filters.image import ImageConfig
 from bm6b.pipelines import ingest
 from bm6b.pipelines.img2dataset_input import ReadImg2Dataset
 from bm6b.pipelines.retry_failed import ReadRetryable
-from bm6b.schemas import make_reject
+from bm6b.schemas import Reason, make_key, make_reject
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +73,22 @@ class _ReadManifest(RejectingDoFn):
         self.columns = columns
 
     def process(self, path: str):
-        for row, fields, resolved in ingest.iter_manifest(path, self.columns):
+        try:
+            for row, fields, resolved in ingest.iter_manifest(path, self.columns):
+                self._in.inc()
+                kind, value = ingest.row_to_record(path, row, fields, resolved)
+                if kind == "record":
+                    self._out.inc()
+                    yield value
+                else:
+                    yield self._reject(value, value["reason"], value["detail"])
+        except ingest.ManifestError as err:
+            # The rest of the file cannot be read, so its rows cannot be counted one by one; one
+            # reject at the first unreadable row records where the file broke.
             self._in.inc()
-            kind, value = ingest.row_to_record(path, row, fields, resolved)
-            if kind == "record":
-                self._out.inc()
-                yield value
-            else:
-                yield self._reject(value, value["reason"], value["detail"])
+            broken = {"key": make_key(path, err.row), "source": path, "source_row": err.row, "input": None}
+            logger.error("%s", err)
+            yield self._reject(broken, Reason.BAD_ROW.value, str(err))
 
 
 class ReadManifests(beam.PTransform):
