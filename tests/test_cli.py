@@ -30,7 +30,8 @@ def test_help_lists_commands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    assert "curate" in out and "demo" in out
+    assert "curate" in out
+    assert "demo" in out
 
 
 def test_curate_same_file_twice_reads_it_once(tmp_path, serve_folder, shared_raw):

@@ -61,7 +61,8 @@ def test_key_is_stable_and_dotless():
     assert make_key("a.csv", 3) != make_key("a.csv", 4)
     assert make_key("a.csv", 3) != make_key("b.csv", 3)
     key = make_key("dir/x.v2.parquet", 0)
-    assert "." not in key and len(key) == 16
+    assert "." not in key
+    assert len(key) == 16
 
 
 def test_bad_json_row_becomes_named_reject(tmp_path):
@@ -96,7 +97,8 @@ def test_single_caption_column_is_detected(tmp_path):
     kind, record = read_all(path)[0]
     assert kind == "record"
     assert record["captions"] == ["一只猫"]
-    assert record["caption_zh"] is None and record["caption_en"] is None
+    assert record["caption_zh"] is None
+    assert record["caption_en"] is None
 
 
 def test_explicit_columns_override_detection(tmp_path):
@@ -162,8 +164,8 @@ def test_non_text_cells_are_bad_rows(tmp_path):
     )
     results = read_all(path)
     assert [value.get("reason") for _, value in results] == ["bad_row", "bad_row", None]
-    assert results[0][1]["detail"] == f"{path} row 0: column 'caption_en' holds a dict, not text"
-    assert results[1][1]["detail"] == f"{path} row 1: column 'caption_zh' holds a list, not text"
+    assert results[0][1]["detail"] == f"{path} row 0: invalid cell: column 'caption_en' contains a dict, expected text"
+    assert results[1][1]["detail"] == f"{path} row 1: invalid cell: column 'caption_zh' contains a list, expected text"
     assert results[2][1]["caption_en"] == "1.5"
 
 
@@ -190,5 +192,6 @@ def test_truncated_gzip_keeps_rows_before_the_break(tmp_path):
     with pytest.raises(ingest.ManifestError) as caught:
         for row, fields, resolved in ingest.iter_manifest(str(path), ingest.ColumnMap()):
             seen.append(row)
-    assert seen == list(range(len(seen))) and 0 < len(seen) < 2000
+    assert seen == list(range(len(seen)))
+    assert 0 < len(seen) < 2000
     assert caught.value.row == len(seen)

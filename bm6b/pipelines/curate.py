@@ -138,7 +138,7 @@ class WriteShards(beam.PTransform):
 
 
 def prepare_output(output: str, overwrite: bool) -> None:
-    """Create the output folder; refuse one that already holds shards unless ``overwrite``."""
+    """Create the output folder; raise FileExistsError if it already contains curate output, unless ``overwrite``."""
     existing = [
         m.path
         for pattern in ("*.tar", "*.parquet", "stats.json", "rejects/*")
@@ -184,7 +184,7 @@ def runs_locally(options: PipelineOptions) -> bool:
 
 
 def pipeline_options(beam_args: list[str] | None) -> PipelineOptions:
-    """Build the Beam options; raise ValueError naming any argument that neither bm6b nor Beam knows.
+    """Build the Beam options; raise ValueError naming any argument that neither bm6b nor Beam defines.
 
     Beam itself only logs a warning for an unknown flag, so a typo such as ``--min-image-sise``
     would otherwise run the job without the intended filter.

@@ -34,7 +34,7 @@ csv.field_size_limit(64 * 1024 * 1024)
 
 @dataclasses.dataclass(frozen=True)
 class ColumnMap:
-    """Which manifest columns hold the URL and the captions. None means: detect from the header."""
+    """The manifest columns of the URL and the captions; None means detect the column from the header."""
 
     url_col: str | None = None
     caption_zh_col: str | None = None
@@ -196,7 +196,7 @@ def _iter_jsonl(stream: BinaryIO, path: str, columns: ColumnMap):
 
 
 class CellError(ValueError):
-    """A URL or caption cell holds something other than text (a list, an object, bytes)."""
+    """A URL or caption cell that contains something other than text (a list, an object, bytes)."""
 
 
 def _text(value: Any, column: str) -> str | None:
@@ -205,7 +205,7 @@ def _text(value: Any, column: str) -> str | None:
     if isinstance(value, float) and value != value:  # NaN from pandas-written files
         return None
     if isinstance(value, (dict, list, tuple, bytes, bytearray)):
-        raise CellError(f"column {column!r} holds a {type(value).__name__}, not text")
+        raise CellError(f"invalid cell: column {column!r} contains a {type(value).__name__}, expected text")
     text = str(value)
     # JSON may carry lone UTF-16 surrogates ("\ud800"), which cannot be encoded; replace them.
     text = text.encode("utf-8", "replace").decode("utf-8")
