@@ -37,7 +37,7 @@ from typing import Callable
 from bm6b.filters.politeness import CircuitBreaker, HostBusy, HostLimiter
 from bm6b.filters.robots import ROBOTS_MAX_BYTES, RobotsCache, user_agent_token, x_robots_opt_out
 from bm6b.filters.sniff import SNIFF_BYTES, describe_non_image, sniff_image_format
-from bm6b.schemas.reasons import Reason
+from bm6b.schemas.reasons import RETRYABLE, Reason
 
 logger = logging.getLogger(__name__)
 
@@ -47,18 +47,9 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 DEFAULT_USER_AGENT = "bm6b/0.1 (+https://github.com/bm6b/bm6b; image-text dataset research)"
 READ_CHUNK = 64 * 1024
 
-# Failures that count towards a host's circuit breaker: the host, not the URL, looks unwell.
-_HOST_FAILURES = frozenset(
-    {
-        Reason.DNS.value,
-        Reason.CONNECT.value,
-        Reason.TIMEOUT.value,
-        Reason.RESET.value,
-        Reason.TOO_SLOW.value,
-        Reason.HTTP_429.value,
-        Reason.HTTP_5XX.value,
-    }
-)
+# Failures that count towards a host's circuit breaker: the host, not the URL, looks unwell. They
+# are the retryable reasons except the breaker's own host_failing.
+_HOST_FAILURES = RETRYABLE - {Reason.HOST_FAILING.value}
 # Failures worth another attempt inside the same fetch.
 _RETRY_IN_FETCH = _HOST_FAILURES
 
