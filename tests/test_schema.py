@@ -14,6 +14,9 @@ def test_normalize_url_cases():
     assert normalize_url("https://example.com:8443/x") == "https://example.com:8443/x"
     assert normalize_url("http://example.com/x.jpg?utm_source=a&id=7&fbclid=z") == "http://example.com/x.jpg?id=7"
     assert normalize_url("http://[::1]:8080/x") == "http://[::1]:8080/x"
+    # An internationalized host and its punycode spelling are the same URL.
+    assert normalize_url("http://例子.测试/a.jpg") == "http://xn--fsqu00a.xn--0zwm56d/a.jpg"
+    assert normalize_url("http://xn--fsqu00a.xn--0zwm56d/a.jpg") == "http://xn--fsqu00a.xn--0zwm56d/a.jpg"
 
 
 def test_uid_depends_on_url_and_captions():

@@ -88,8 +88,9 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 def normalize_url(url: str) -> str:
     """Normalize a URL for hashing and dedup.
 
-    Lower-cases the scheme and host, drops the default port, the fragment and the tracking
-    parameters in ``TRACKING_PARAMS``, and keeps the path and the other parameters in order.
+    Lower-cases the scheme and host, writes an internationalized host in its ASCII (punycode)
+    form, drops the default port, the fragment and the tracking parameters in
+    ``TRACKING_PARAMS``, and keeps the path and the other parameters in order.
     """
     url = url.strip()
     parts = urllib.parse.urlsplit(url)
@@ -97,6 +98,11 @@ def normalize_url(url: str) -> str:
     host = (parts.hostname or "").lower()
     if ":" in host:  # IPv6 literal
         host = f"[{host}]"
+    elif not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            pass  # not a valid IDN: keep the text, so distinct invalid hosts stay distinct
     try:
         port = parts.port
     except ValueError:
