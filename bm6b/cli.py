@@ -24,7 +24,7 @@ COMMAND_MODULES = (
 
 
 def _prepare_environment() -> None:
-    # albumentations (imported by img2dataset) queries PyPI at import time unless told not to,
+    # albumentations (imported by img2dataset) queries PyPI at import time unless NO_ALBUMENTATIONS_UPDATE is set,
     # and Hugging Face libraries wait on the hub; bm6b never downloads anything at run time.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

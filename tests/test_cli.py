@@ -1,4 +1,4 @@
-"""The ``bm6b`` command line: errors a user sees, and curate on a small local job."""
+"""The ``bm6b`` command line: the errors a user gets, and curate on a small local job."""
 
 from __future__ import annotations
 

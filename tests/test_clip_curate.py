@@ -6,7 +6,6 @@ no threshold. Expected values are recomputed here from the written output and fr
 
 from __future__ import annotations
 
-import io
 import json
 import re
 

@@ -23,7 +23,8 @@ def test_uid_depends_on_url_and_captions():
     base = make_uid("http://example.com/a.jpg", ["一只猫", "a cat"])
     assert base == make_uid("HTTP://EXAMPLE.com:80/a.jpg#x", ["一只猫", "a cat"])
     assert base != make_uid("http://example.com/a.jpg", ["一只狗", "a cat"])
-    assert len(base) == 32 and int(base, 16) >= 0
+    assert len(base) == 32
+    assert int(base, 16) >= 0
 
 
 def test_record_has_every_schema_field():
@@ -43,5 +44,7 @@ def test_reject_row_matches_schema():
 
 def test_reason_codes_are_unique_and_retryable_subset():
     assert len(REASONS) == len(set(REASONS))
-    assert is_retryable("timeout") and is_retryable("http_429") and is_retryable("http_5xx")
-    assert not is_retryable("http_404") and not is_retryable("duplicate_image")
+    for reason in ("timeout", "http_429", "http_5xx"):
+        assert is_retryable(reason), reason
+    for reason in ("http_404", "duplicate_image"):
+        assert not is_retryable(reason), reason

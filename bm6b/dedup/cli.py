@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 from bm6b.dedup.config import DEFAULT_COMPONENT_ROUNDS, DEFAULT_RADIUS, DedupConfig
-
-logger = logging.getLogger(__name__)
-
 
 def add_dedup_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the "dedup" argument group (used by ``bm6b curate``, ``bm6b demo`` and ``bm6b dedup``)."""
@@ -59,12 +55,9 @@ def run_dedup_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     from bm6b.dedup.run import run_dedup
     from bm6b.pipelines.stats import format_funnel
 
-    try:
-        stats = run_dedup(args.input, args.output, dedup_config_from_args(args), beam_args,
-                          samples_per_shard=args.samples_per_shard, overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        logger.error("%s", err)
-        return 2
+    # bm6b.cli.main turns a FileNotFoundError or ValueError into a one-line error and exit code 2.
+    stats = run_dedup(args.input, args.output, dedup_config_from_args(args), beam_args,
+                      samples_per_shard=args.samples_per_shard, overwrite=args.overwrite)
     print(format_funnel(stats))
     print(f"shards, rejects and stats.json are in {args.output}")
     return 0

@@ -406,7 +406,7 @@ def _request_target(parts: urllib.parse.SplitResult) -> str:
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Return the seconds a ``Retry-After`` value asks for (delta-seconds or HTTP-date), or None."""
+    """Return the seconds a ``Retry-After`` value requests (delta-seconds or HTTP-date), or None."""
     if not value:
         return None
     value = value.strip()
@@ -613,7 +613,7 @@ class Fetcher:
             return _Hop(FetchResult(url, status=failure.status, reason=failure.reason, detail=failure.detail))
         except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as err:
             if reused and not deadline.fired:
-                # The server closed an idle keep-alive connection; that says nothing about the URL.
+                # The server closed an idle keep-alive connection, which tells nothing about the URL.
                 conn.close()
                 return self._request(url, parts, host, port, address, deadline, body_cap=body_cap, sniff=sniff, fresh=True)
             return _Hop(self._error_result(url, err, deadline))

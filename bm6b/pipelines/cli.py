@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import logging
 
 from bm6b.dedup.cli import add_dedup_arguments, dedup_config_from_args
 from bm6b.filters.captions import add_caption_arguments, caption_config_from_args
@@ -12,9 +11,6 @@ from bm6b.filters.download import FetchConfig
 from bm6b.filters.image import ENCODE_FORMATS, RESIZE_MODES, ImageConfig
 from bm6b.pipelines import ingest
 from bm6b.recipes import add_recipe_option
-
-logger = logging.getLogger(__name__)
-
 
 def positive_float(text: str) -> float:
     value = float(text)
@@ -82,7 +78,7 @@ def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
                        "backoff and jitter; Retry-After is honoured (default: %(default)s)")
     fetch.add_argument("--user-agent", default=FetchConfig.user_agent, help="User-Agent header sent with each request")
     fetch.add_argument("--ignore-opt-out", action="store_true",
-                       help="download even when X-Robots-Tag says noai, noimageai, noindex, noimageindex or none")
+                       help="download even when X-Robots-Tag contains noai, noimageai, noindex, noimageindex or none")
     fetch.add_argument("--robots-txt", action="store_true",
                        help="fetch robots.txt once per host and skip disallowed URLs as opted_out")
     fetch.add_argument("--host-concurrency", type=non_negative_int, default=FetchConfig.host_concurrency,
@@ -245,11 +241,8 @@ def run_curate_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     from bm6b.pipelines.curate import run_curate
     from bm6b.pipelines.stats import format_funnel
 
-    try:
-        stats = run_curate(config_from_args(args, args.inputs, args.output), beam_args)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        logger.error("%s", err)
-        return 2
+    # bm6b.cli.main turns a FileNotFoundError or ValueError into a one-line error and exit code 2.
+    stats = run_curate(config_from_args(args, args.inputs, args.output), beam_args)
     print(format_funnel(stats))
     print(f"shards, rejects and stats.json are in {args.output}")
     return 0

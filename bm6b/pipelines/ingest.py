@@ -72,8 +72,8 @@ class ColumnMap:
     def resolve_lenient(self, fields: dict[str, Any], first: "ColumnMap") -> "ColumnMap":
         """Resolve the detected columns again for one JSON row, whose keys may differ from the first row's.
 
-        Explicitly named columns stay as given; a detected role falls back to the first row's
-        choice when this row has none of its candidates (the cell then reads as empty).
+        Explicitly named columns stay as given. A detected role falls back to the first row's
+        choice when this row has none of its candidates, and the cell then reads as empty.
         """
         if self.caption_zh_col or self.caption_en_col or self.caption_col:
             return first

@@ -177,7 +177,7 @@ class ProgressFnApiRunner(FnApiRunner):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.progress: ProgressLog | None = None  # told about each finished bundle when set
+        self.progress: ProgressLog | None = None  # receives each finished bundle's counters when set
         self._lock = threading.Lock()
         self._finished: Counters = collections.Counter()
         self._handlers: list[Any] = []

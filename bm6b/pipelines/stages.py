@@ -83,7 +83,7 @@ class _ReadManifest(RejectingDoFn):
                 else:
                     yield self._reject(value, value["reason"], value["detail"])
         except ingest.ManifestError as err:
-            # The rest of the file cannot be read, so its rows cannot be counted one by one; one
+            # The rest of the file cannot be read, so its rows cannot be counted one by one. One
             # reject at the first unreadable row records where the file broke.
             self._in.inc()
             broken = {"key": make_key(path, err.row), "source": path, "source_row": err.row, "input": None}
@@ -112,7 +112,7 @@ class _Download(RejectingDoFn):
     """Downloads on a thread pool that stays busy across the whole bundle.
 
     Records are submitted as they arrive and emitted as they finish; the rest are emitted in
-    ``finish_bundle``. A slow URL therefore holds one thread, not a batch of records.
+    ``finish_bundle``. A slow URL therefore occupies one thread, not a batch of records.
     """
 
     stage = "download"

@@ -155,7 +155,7 @@ def new_record(
 ) -> dict[str, Any]:
     """Create a sample dict with every schema field present.
 
-    ``captions`` holds captions whose language is still unknown (from ``--caption-col``); the
+    ``captions`` contains captions whose language is still unknown (from ``--caption-col``); the
     language-ID stage moves each into its zh or en slot.
     """
     record: dict[str, Any] = dict.fromkeys(RECORD_FIELDS)
