@@ -6,6 +6,7 @@ import argparse
 
 from bm6b.dedup.config import DEFAULT_COMPONENT_ROUNDS, DEFAULT_RADIUS, DedupConfig
 
+
 def add_dedup_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the "dedup" argument group (used by ``bm6b curate``, ``bm6b demo`` and ``bm6b dedup``)."""
     group = parser.add_argument_group(

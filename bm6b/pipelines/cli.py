@@ -12,6 +12,7 @@ from bm6b.filters.image import ENCODE_FORMATS, RESIZE_MODES, ImageConfig
 from bm6b.pipelines import ingest
 from bm6b.recipes import add_recipe_option
 
+
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
