@@ -146,12 +146,36 @@ def test_byte_order_mark_is_ignored(tmp_path):
     assert record["url"] == "http://example.test/a.jpg"
 
 
-def test_lone_surrogate_in_json_is_replaced(tmp_path):
+def test_lone_surrogate_in_json_is_bad_row(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text('{"url": "http://example.test/a.jpg", "caption_en": "Brick wall \\ud800 texture."}\n', encoding="utf-8")
-    kind, record = read_all(path)[0]
-    assert kind == "record"
-    assert record["caption_en"] == "Brick wall ? texture."
+    kind, reject = read_all(path)[0]
+    assert kind == "reject"
+    assert reject["reason"] == "bad_row"
+    assert reject["detail"] == (
+        f"{path} row 0: invalid cell: column 'caption_en' is not valid UTF-8 text (invalid bytes or a lone surrogate)"
+    )
+    assert reject["input"] == '{"url": "http://example.test/a.jpg", "caption_en": "Brick wall ? texture."}'
+
+
+@pytest.mark.parametrize("name", ["m.csv", "m.jsonl"])
+def test_invalid_utf8_caption_is_bad_row(tmp_path, name):
+    # "\xe7\x8c" is the first two bytes of 猫 (e7 8c ab): a caption cut inside a character.
+    path = tmp_path / name
+    if name.endswith(".csv"):
+        body = b"url,caption_zh\nhttp://example.test/a.jpg,\xe4\xb8\x80\xe5\x8f\xaa\xe7\x8c\nhttp://example.test/b.jpg,\xe7\x8c\xab\n"
+    else:
+        body = (
+            b'{"url": "http://example.test/a.jpg", "caption_zh": "\xe4\xb8\x80\xe5\x8f\xaa\xe7\x8c"}\n'
+            b'{"url": "http://example.test/b.jpg", "caption_zh": "\xe7\x8c\xab"}\n'
+        )
+    path.write_bytes(body)
+    (kind0, first), (kind1, second) = read_all(path)
+    assert kind0 == "reject"
+    assert first["reason"] == "bad_row"
+    assert first["detail"].endswith("column 'caption_zh' is not valid UTF-8 text (invalid bytes or a lone surrogate)")
+    assert kind1 == "record"
+    assert second["caption_zh"] == "猫"
 
 
 def test_non_text_cells_are_bad_rows(tmp_path):

@@ -12,6 +12,7 @@ import dataclasses
 import gzip
 import io
 import json
+import re
 import urllib.parse
 import zlib
 from typing import Any, BinaryIO, Iterator
@@ -161,7 +162,8 @@ def _iter_parquet(stream: BinaryIO, path: str, columns: ColumnMap):
 
 def _iter_delimited(stream: BinaryIO, path: str, columns: ColumnMap, delimiter: str):
     # utf-8-sig drops the byte-order mark that Excel and Windows tools put before the header.
-    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace", newline="")
+    # surrogateescape keeps invalid bytes visible to _text, which rejects the row they are in.
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
     reader = csv.reader(text, delimiter=delimiter)
     try:
         header = next(reader)
@@ -178,7 +180,7 @@ def _iter_delimited(stream: BinaryIO, path: str, columns: ColumnMap, delimiter: 
 def _iter_jsonl(stream: BinaryIO, path: str, columns: ColumnMap):
     resolved: ColumnMap | None = None
     row = 0
-    for line in io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace"):
+    for line in io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape"):
         if not line.strip():
             continue
         try:
@@ -195,6 +197,9 @@ def _iter_jsonl(stream: BinaryIO, path: str, columns: ColumnMap):
         row += 1
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 class CellError(ValueError):
     """A URL or caption cell that contains something other than text (a list, an object, bytes)."""
 
@@ -207,8 +212,11 @@ def _text(value: Any, column: str) -> str | None:
     if isinstance(value, (dict, list, tuple, bytes, bytearray)):
         raise CellError(f"invalid cell: column {column!r} contains a {type(value).__name__}, expected text")
     text = str(value)
-    # JSON may carry lone UTF-16 surrogates ("\ud800"), which cannot be encoded; replace them.
-    text = text.encode("utf-8", "replace").decode("utf-8")
+    # Surrogates come from bytes that are not UTF-8 (decoded with surrogateescape) or from JSON
+    # escapes of half an emoji ("\ud83d"). Either way the text is damaged, and replacing the
+    # characters would keep a corrupted caption without a trace.
+    if _SURROGATE.search(text):
+        raise CellError(f"invalid cell: column {column!r} is not valid UTF-8 text (invalid bytes or a lone surrogate)")
     return text if text.strip() else None
 
 
