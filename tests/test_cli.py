@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
-from bm6b.cli import main
+from bm6b.cli import BEAM_TYPEHINT_LOGGER, main
 
 
 def test_missing_input_exits_with_message(tmp_path, caplog):
@@ -120,3 +121,14 @@ def test_eval_with_missing_checkpoint_is_one_line_error(tmp_path, caplog):
     code = main(["eval", "--shards", str(tmp_path / "x.tar"), "--checkpoint", str(tmp_path / "nosuch.pt")])
     assert code == 2
     assert "nosuch.pt" in caplog.text or "x.tar" in caplog.text
+
+
+@pytest.mark.parametrize("level, expected", [("INFO", logging.WARNING), ("WARNING", logging.WARNING), ("DEBUG", logging.NOTSET)])
+def test_beam_typehint_logs_only_at_debug(level, expected, capsys):
+    logger = logging.getLogger(BEAM_TYPEHINT_LOGGER)
+    logger.setLevel(logging.NOTSET)
+    try:
+        assert main(["--log-level", level]) == 2  # no command: prints help
+        assert logger.level == expected
+    finally:
+        logger.setLevel(logging.NOTSET)
