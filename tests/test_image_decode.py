@@ -12,11 +12,12 @@ import io
 import struct
 import zlib
 
+import imagehash
 import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from bm6b.filters.image import ImageConfig, decode_image, process_image, resize
+from bm6b.filters.image import ImageConfig, compute_phash, decode_image, process_image, resize
 from tests.download_servers import NGINX_404, SVG
 
 DIRTY = "dirty-images-pillow"
@@ -410,3 +411,98 @@ def test_invalid_config_rejected():
         ImageConfig(resize_mode="stretch")
     with pytest.raises(ValueError, match="encode_format"):
         ImageConfig(encode_format="png")
+    with pytest.raises(ValueError, match="interpolation 'lanczos3'"):
+        ImageConfig(upscale_interpolation="lanczos3")
+    with pytest.raises(ValueError, match="interpolation 'box'"):
+        ImageConfig(downscale_interpolation="box")
+
+
+# ---------------------------------------------------------------- interpolation
+
+# Each 2x2 block averages exactly in both of Pillow's passes (rows first, then columns), so the
+# area filter must give these block means: (0+40+80+120)/4, 100, 10, (100+200+0+60)/4.
+BLOCKS = np.array([[0, 40, 100, 100], [80, 120, 100, 100], [10, 10, 0, 200], [10, 10, 100, 60]], dtype=np.uint8)
+BLOCK_MEANS = [[60, 100], [10, 90]]
+
+
+@pytest.mark.parametrize("mode", ["keep_ratio", "center_crop", "border"])
+def test_downscale_averages_blocks(mode):
+    image = Image.fromarray(BLOCKS).convert("RGB")
+
+    out = pixels(resize(image, ImageConfig(resize_mode=mode, image_size=2)))
+
+    for channel in range(3):
+        assert out[..., channel].tolist() == BLOCK_MEANS
+
+
+def test_downscale_interpolation_option():
+    image = Image.fromarray(BLOCKS).convert("RGB")
+    cfg = ImageConfig(resize_mode="keep_ratio", image_size=2, downscale_interpolation="lanczos")
+
+    out = pixels(resize(image, cfg))
+
+    assert out[..., 0].tolist() != BLOCK_MEANS
+    assert (out == pixels(image.resize((2, 2), Image.Resampling.LANCZOS))).all()
+
+
+def test_upscale_uses_lanczos():
+    image = Image.fromarray(BLOCKS).convert("RGB")
+    cfg = ImageConfig(resize_mode="center_crop", image_size=8)
+
+    out = pixels(resize(image, cfg))
+
+    assert (out == pixels(image.resize((8, 8), Image.Resampling.LANCZOS))).all()
+    assert (out != pixels(image.resize((8, 8), Image.Resampling.BOX))).any()
+
+
+# ---------------------------------------------------------------- pHash
+
+
+def imagehash_phash(image: Image.Image) -> int:
+    return int(str(imagehash.phash(image)), 16)
+
+
+@pytest.mark.parametrize(
+    "name", ["flower.jpg", "hopper.png", "hopper_orientation_6.jpg", "pil_sample_cmyk.jpg", "transparent.png", "tiny.png"]
+)
+def test_phash_matches_imagehash_on_files(dirty, name):
+    image, _, _ = decode_image(read(dirty, name), NO_RESIZE)
+
+    assert compute_phash(image) == imagehash_phash(image)
+
+
+def generated_images() -> dict[str, Image.Image]:
+    rng = np.random.default_rng(7)
+    images = {}
+    for colour in (0, 128, 255):
+        # Every AC coefficient is 0, so the median ties with most of them.
+        images[f"flat RGB {colour}"] = Image.new("RGB", (64, 48), (colour, colour, colour))
+        images[f"flat L {colour}"] = Image.new("L", (5, 700), colour)
+    for width, height in ((1, 1), (2, 3), (31, 33), (32, 32), (1000, 10)):
+        images[f"noise {width}x{height}"] = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        ramp = np.linspace(0, 255, width).astype(np.uint8)
+        images[f"ramp {width}x{height}"] = Image.fromarray(np.tile(ramp, (height, 1)))
+        checker = (np.indices((height, width)).sum(axis=0) % 2 * 255).astype(np.uint8)
+        images[f"checkerboard {width}x{height}"] = Image.fromarray(checker)
+    return images
+
+
+@pytest.mark.parametrize("name, image", list(generated_images().items()))
+def test_phash_matches_imagehash_generated(name, image):
+    assert compute_phash(image) == imagehash_phash(image)
+
+
+def test_phash_matches_imagehash_on_flickr8k(shared_raw):
+    folder = shared_raw / "flickr8k-images" / "images"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not found")
+    paths = sorted(folder.glob("*.jpg"))[:1000]
+
+    mismatches = []
+    for path in paths:
+        image, _, _ = decode_image(path.read_bytes(), NO_RESIZE)
+        if compute_phash(image) != imagehash_phash(image):
+            mismatches.append(path.name)
+
+    assert len(paths) == 1000
+    assert mismatches == []

@@ -33,6 +33,15 @@ logger = logging.getLogger(__name__)
 
 RESIZE_MODES = ("no", "border", "center_crop", "keep_ratio", "keep_ratio_largest")
 ENCODE_FORMATS = ("jpg", "webp")
+# Pillow resampling filters by img2dataset's interpolation names. "area" is Pillow's BOX filter,
+# which averages the source pixels each output pixel covers, as OpenCV's INTER_AREA does when shrinking.
+INTERPOLATIONS = {
+    "area": Image.Resampling.BOX,
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 
 _ORIENTATION_TAG = 0x0112
 _TRANSPOSE_FOR_ORIENTATION = {
@@ -59,6 +68,11 @@ class ImageConfig:
     # keep_ratio and keep_ratio_largest only shrink unless this is False; center_crop and border
     # always produce image_size x image_size.
     resize_only_if_bigger: bool = True
+    # Filters when the output is larger (upscale) or smaller (downscale) than the source, named as in
+    # INTERPOLATIONS. The defaults are img2dataset's: lanczos up, area down. Area costs about a third
+    # of lanczos (Pillow 12.3, measured) when shrinking a 375x375 crop to 256x256.
+    upscale_interpolation: str = "lanczos"
+    downscale_interpolation: str = "area"
     encode_format: str = "jpg"  # jpg or webp
     jpeg_quality: int = 95
     webp_quality: int = 90
@@ -72,6 +86,9 @@ class ImageConfig:
             raise ValueError(f"unknown resize_mode {self.resize_mode!r}; expected one of {', '.join(RESIZE_MODES)}")
         if self.encode_format not in ENCODE_FORMATS:
             raise ValueError(f"unknown encode_format {self.encode_format!r}; expected jpg or webp")
+        for name in (self.upscale_interpolation, self.downscale_interpolation):
+            if name not in INTERPOLATIONS:
+                raise ValueError(f"unknown interpolation {name!r}; expected one of {', '.join(INTERPOLATIONS)}")
         if self.image_size < 1:
             raise ValueError(f"image_size must be at least 1, got {self.image_size}")
 
@@ -102,9 +119,40 @@ class ImageReject(Exception):
         self.detail = detail
 
 
+# pHash as imagehash 4.3.2 defines it: greyscale, 32x32 LANCZOS, 2-D DCT-II (scipy.fftpack.dct, no
+# normalization), the top-left 8x8 coefficients, each bit set when the coefficient is above their
+# median. Only the first 8 DCT rows are needed, so two small matrix products replace imagehash's
+# two full 32-point transforms: low = D @ pixels @ D.T with D[k, n] = 2 cos(pi k (2n + 1) / 64).
+_PHASH_BITS_SIDE = 8
+_PHASH_INPUT_SIDE = 32
+_PHASH_DCT = 2.0 * np.cos(
+    np.pi
+    * np.arange(_PHASH_BITS_SIDE)[:, None]
+    * (2 * np.arange(_PHASH_INPUT_SIDE)[None, :] + 1)
+    / (2 * _PHASH_INPUT_SIDE)
+)
+# The matrix product and scipy's FFT-based DCT round differently, by far less than 1e-6 for 8-bit
+# pixels (coefficients are at most about 1e6). A coefficient this close to the median could land
+# on the other side of it, so such images (flat ones, where many coefficients are 0) go through
+# imagehash itself.
+_PHASH_TIE_MARGIN = 1e-6
+
+
 def compute_phash(image: Image.Image) -> int:
-    """Return the 64-bit DCT pHash of an image as an unsigned int, first hash bit most significant."""
-    return int(str(imagehash.phash(image)), 16)
+    """Return the 64-bit DCT pHash of an image as an unsigned int, first hash bit most significant.
+
+    The value equals ``int(str(imagehash.phash(image)), 16)``, because near-ties, where the two DCT
+    computations could disagree, are handed to imagehash itself.
+    """
+    grey = image.convert("L").resize((_PHASH_INPUT_SIDE, _PHASH_INPUT_SIDE), Image.Resampling.LANCZOS)
+    pixels = np.asarray(grey, dtype=np.float64)
+    low = _PHASH_DCT @ pixels @ _PHASH_DCT.T
+    ordered = np.sort(low, axis=None)
+    middle = ordered.size // 2
+    median = (ordered[middle - 1] + ordered[middle]) / 2
+    if np.abs(low - median).min() < _PHASH_TIE_MARGIN:
+        return int(str(imagehash.phash(image)), 16)
+    return int.from_bytes(np.packbits(low > median).tobytes(), "big")
 
 
 # ---------------------------------------------------------------- decode
@@ -261,11 +309,15 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
 # ---------------------------------------------------------------- resize and encode
 
 
+def _resample_filter(source_side: int, target_side: int, cfg: ImageConfig) -> Image.Resampling:
+    name = cfg.upscale_interpolation if target_side > source_side else cfg.downscale_interpolation
+    return INTERPOLATIONS[name]
+
+
 def resize(image: Image.Image, cfg: ImageConfig) -> Image.Image:
     """Resize per ``cfg.resize_mode``; see ImageConfig for what each mode produces."""
     size = cfg.image_size
     width, height = image.size
-    resample = Image.Resampling.LANCZOS
     mode = cfg.resize_mode
 
     if mode == "no":
@@ -277,7 +329,7 @@ def resize(image: Image.Image, cfg: ImageConfig) -> Image.Image:
             return image
         scale = size / side
         target = (max(1, round(width * scale)), max(1, round(height * scale)))
-        return image.resize(target, resample, reducing_gap=3.0)
+        return image.resize(target, _resample_filter(side, size, cfg), reducing_gap=3.0)
 
     if mode == "center_crop":
         side = min(width, height)
@@ -285,11 +337,14 @@ def resize(image: Image.Image, cfg: ImageConfig) -> Image.Image:
         if side == size and width == height:
             return image
         # One resampling pass straight from the centre square of the source.
+        resample = _resample_filter(side, size, cfg)
         return image.resize((size, size), resample, box=(left, top, left + side, top + side), reducing_gap=3.0)
 
     # border
-    scale = size / max(width, height)
+    side = max(width, height)
+    scale = size / side
     target = (max(1, round(width * scale)), max(1, round(height * scale)))
+    resample = _resample_filter(side, size, cfg)
     inner = image if target == image.size else image.resize(target, resample, reducing_gap=3.0)
     canvas = Image.new("RGB", (size, size), cfg.background)
     canvas.paste(inner, ((size - target[0]) // 2, (size - target[1]) // 2))
