@@ -1,6 +1,7 @@
 """Evaluate the translate-check scorer on Flickr8k-CN human and machine translations.
 
 Usage: python benchmarks/translate_check.py [--raw ../shared/data/raw] [--split test] [--limit N]
+       [--half fit|held-out] [--fit] [--speed N]
 
 Pairs, all built from the chosen split's images (test has the 5,000 human translations):
 
@@ -15,16 +16,24 @@ Pairs, all built from the chosen split's images (test has the 5,000 human transl
 For each negative kind the report gives the ROC-AUC of the combined score and of each sub-score.
 It also gives precision, recall and F1 of the positive class at the configured threshold, computed
 on the positives (``human`` on the test split) together with that kind's negatives.
+
+``--half`` keeps one of two fixed halves of the split's images (by the parity of the CRC-32 of the
+image id), so weights can be fitted on the human translations of one half of the test images and
+evaluated on the other. ``--speed N`` times ``TranslateChecker.score`` alone, in process CPU time,
+on the first N English captions with their Baidu translations (``enc#N`` / ``zhb#N``, all images).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import random
+import statistics
 import sys
 import time
+import zlib
 
 import numpy as np
 
@@ -60,10 +69,24 @@ def read_split(raw: pathlib.Path, split: str) -> list[str]:
     return [line + ".jpg" for line in lines]
 
 
+HALVES = ("fit", "held-out")
+
+
+def image_half(image: str) -> str:
+    """Return the half (``fit`` or ``held-out``) of an image, from the parity of its id's CRC-32."""
+    return HALVES[zlib.crc32(image.encode()) % 2]
+
+
 def build_pairs(raw: pathlib.Path, split: str = "test", limit: int | None = None,
-                seed: int = 0) -> dict[str, list[tuple[str, str]]]:
-    """Return (zh, en) pairs per kind; ``limit`` keeps the first N images of the split."""
+                seed: int = 0, half: str | None = None) -> dict[str, list[tuple[str, str]]]:
+    """Return (zh, en) pairs per kind; ``limit`` keeps the first N images of the split.
+
+    ``half`` keeps only the images of that half (see ``image_half``), before ``limit`` applies.
+    Negatives of another image are drawn from the kept images only.
+    """
     images = read_split(raw, split)
+    if half is not None:
+        images = [image for image in images if image_half(image) == half]
     if limit is not None:
         images = images[:limit]
     enc = read_captions(raw, "enc")
@@ -177,7 +200,10 @@ def fit_value(subscores: dict[str, float], name: str) -> float:
 def fit_weights(pairs: dict[str, list[tuple[str, str]]], config: CaptionConfig,
                 positive_kinds: tuple[str, ...] = ("mt_baidu", "mt_google"),
                 steps: int = 4000, l2: float = 1e-3) -> tuple[dict[str, float], float]:
-    """Fit the logistic weights and bias of FIT_FEATURES by gradient descent, classes balanced."""
+    """Fit the logistic weights and bias of FIT_FEATURES by gradient descent, classes balanced.
+
+    The positives are ``positive_kinds`` and the negatives all three NEGATIVE_KINDS.
+    """
     checker = TranslateChecker(config)
 
     def features(kind_pairs):
@@ -209,6 +235,43 @@ def fit_weights(pairs: dict[str, list[tuple[str, str]]], config: CaptionConfig,
     return {name: round(float(v), 3) for name, v in zip(FIT_FEATURES, raw_weights)}, round(raw_bias, 3)
 
 
+def read_translation_pairs(raw: pathlib.Path, limit: int) -> list[tuple[str, str]]:
+    """Return the first ``limit`` (``zhb#N``, ``enc#N``) pairs in the order of the English file."""
+    enc = read_captions(raw, "enc")
+    zhb = read_captions(raw, "zhb")
+    return [(zhb[key], en) for key, en in enc.items() if key in zhb][:limit]
+
+
+def time_scorer(checker: TranslateChecker, pairs: list[tuple[str, str]], repeats: int = 3) -> dict:
+    """Time ``checker.score`` on normalized pairs, in process CPU microseconds per pair.
+
+    The peer in the same run is ``CedictIndex.words_in`` on the zh side alone, the dictionary
+    lookup that every score starts with. One untimed pass first fills the per-word caches.
+    """
+    normalized = [(normalize_caption(zh), normalize_caption(en)) for zh, en in pairs]
+    score, words_in = checker.score, checker.index.words_in
+    for zh, en in normalized:
+        score(zh, en)
+
+    score_us, lookup_us = [], []
+    for _ in range(repeats):
+        started = time.process_time()
+        for zh, en in normalized:
+            score(zh, en)
+        score_us.append((time.process_time() - started) / len(normalized) * 1e6)
+        started = time.process_time()
+        for zh, _ in normalized:
+            words_in(zh)
+        lookup_us.append((time.process_time() - started) / len(normalized) * 1e6)
+    return {
+        "pairs": len(normalized),
+        "score_us_per_pair": round(statistics.median(score_us), 2),
+        "words_in_us_per_pair": round(statistics.median(lookup_us), 2),
+        "runs_score_us": [round(value, 2) for value in score_us],
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }
+
+
 def format_report(report: dict) -> str:
     lines = [
         f"threshold {report['threshold']}, positives: {report['positives']}",
@@ -236,18 +299,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--positives", default=None,
                         help="positive kind for the metrics: human (default on test) or mt_baidu / mt_google")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="also write the report as JSON here")
+    parser.add_argument("--half", choices=HALVES, default=None,
+                        help="keep only this half of the split's images (split by the CRC-32 of the image id)")
     parser.add_argument("--fit", action="store_true",
-                        help="fit the logistic weights on this split's machine-translation positives and print them")
+                        help="fit the logistic weights on this split's pairs and print them; the positives are the "
+                             "human translations where the split has them, otherwise the machine translations")
+    parser.add_argument("--weights", type=pathlib.Path, default=None,
+                        help="JSON file as printed by --fit; its weights and bias replace the defaults")
+    parser.add_argument("--speed", type=int, metavar="N", default=None,
+                        help="time the scorer alone on the first N enc/zhb pairs (CPU microseconds per pair)")
     args = parser.parse_args(argv)
 
     config = CaptionConfig()
+    if args.weights is not None:
+        fitted = json.loads(args.weights.read_text())
+        config = config.replace(weights={**config.weights, **fitted["weights"]}, translate_bias=fitted["translate_bias"])
+    if args.speed is not None:
+        result = time_scorer(TranslateChecker(config), read_translation_pairs(args.raw, args.speed))
+        print(json.dumps(result))
+        return 0
     if args.fit:
-        weights, bias = fit_weights(build_pairs(args.raw, args.split, args.limit), config)
-        print(json.dumps({"weights": weights, "translate_bias": bias}))
+        pairs = build_pairs(args.raw, args.split, args.limit, half=args.half)
+        positive_kinds = ("human",) if pairs["human"] else ("mt_baidu", "mt_google")
+        weights, bias = fit_weights(pairs, config, positive_kinds)
+        print(json.dumps({"weights": weights, "translate_bias": bias, "positives": positive_kinds}))
         return 0
 
     started = time.perf_counter()
-    pairs = build_pairs(args.raw, args.split, args.limit)
+    pairs = build_pairs(args.raw, args.split, args.limit, half=args.half)
     positive_kind = args.positives or ("human" if args.split == "test" else "mt_baidu")
     report = evaluate(pairs, config, positive_kind)
     report["elapsed_s"] = round(time.perf_counter() - started, 2)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import importlib.util
 import math
 import pathlib
+import re
 import zlib
 
 import pytest
 
 from bm6b.filters.caption_config import CaptionConfig
+from bm6b.filters.text_normalize import HAN_CLASS
 from bm6b.filters.translate import (
     TranslateChecker,
     _uncovered_content_runs,
@@ -109,6 +111,71 @@ def test_uncovered_content_runs():
     assert _uncovered_content_runs(zh, {2, 3, 5}) == ["跳过红色", "栅栏"]
     assert _uncovered_content_runs(zh, set()) == ["黑色", "狗跳过红色", "栅栏"]
     assert _uncovered_content_runs("A dog", set()) == []
+
+
+def test_words_in_finds_long_words():
+    index = default_index()
+    words = index.words_in("一个男孩在游泳池里游泳。")
+    # 游泳池 (swimming pool) overlaps 游泳 and 泳池; every overlapping dictionary word is returned.
+    assert {"游泳池", "游泳", "泳池", "池", "男孩"} <= words
+    assert "一个男孩" not in words
+    # A six-character entry, the longest kept, at the end of a run and after a shorter run.
+    assert "风湿性关节炎" in index.words_in("他说：有风湿性关节炎")
+    assert index.words_in("A dog") == set()
+
+
+def brute_force_words(index, zh):
+    """Every substring of at most ``max_chars`` characters of each Han run that is a dictionary key."""
+    found = set()
+    for run in re.findall(f"[{HAN_CLASS}]+", zh):
+        for start in range(len(run)):
+            for end in range(start + 1, min(len(run), start + index.max_chars) + 1):
+                if run[start:end] in index.glosses:
+                    found.add(run[start:end])
+    return found
+
+
+def test_words_in_matches_brute_force():
+    index = default_index()
+    raw = raw_path("flickr8k-cn").parent
+    harness = load_harness()
+    captions = [zh for zh, _ in harness.build_pairs(raw, "test", limit=40)["human"]]
+    captions += ["越野摩托车手", "他说：有风湿性关节炎", "漢字和汉字", "狗", ""]
+    for zh in captions:
+        assert index.words_in(zh) == brute_force_words(index, zh), zh
+
+
+def test_match_keys_add_prefixes():
+    index = default_index()
+    keys = index.match_keys("自行车")
+    assert index.glosses["自行车"] <= keys
+    assert "bicyc" in keys
+    assert index.match_keys("自行车") is keys
+
+
+def test_image_half_splits_test_images():
+    raw = raw_path("flickr8k-cn").parent
+    harness = load_harness()
+    images = harness.read_split(raw, "test")
+    fit = [image for image in images if harness.image_half(image) == "fit"]
+    held_out = [image for image in images if harness.image_half(image) == "held-out"]
+    assert len(fit) + len(held_out) == 1000
+    # The halves come from the CRC-32 parity of the image id, so they are close to even.
+    assert 450 <= len(fit) <= 550
+    pairs = harness.build_pairs(raw, "test", half="held-out", limit=3)
+    kept = {en for _, en in pairs["human"]}
+    enc = harness.read_captions(raw, "enc")
+    assert kept == {enc[(image, n)] for image in held_out[:3] for n in range(5)}
+
+
+def test_time_scorer_reports_cpu_time(checker):
+    raw = raw_path("flickr8k-cn").parent
+    harness = load_harness()
+    pairs = harness.read_translation_pairs(raw, 20)
+    assert len(pairs) == 20
+    result = harness.time_scorer(checker, pairs, repeats=1)
+    assert result["pairs"] == 20
+    assert result["score_us_per_pair"] > result["words_in_us_per_pair"] > 0
 
 
 def test_partial_keys_prefix_and_compound():
