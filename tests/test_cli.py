@@ -70,6 +70,7 @@ def test_curate_blocks_loopback_without_allow_network(tmp_path, serve_folder, sh
         ("--connect-timeout", "0", "must be greater than 0"),
         ("--deadline", "-1", "must be greater than 0"),
         ("--allow-network", "notacidr", "not a network in CIDR form"),
+        ("--downscale-interpolation", "cubic", "invalid choice: 'cubic'"),
     ],
 )
 def test_invalid_option_values_are_usage_errors(tmp_path, capsys, option, value, message):
@@ -132,3 +133,16 @@ def test_beam_typehint_logs_only_at_debug(level, expected, capsys):
         assert logger.level == expected
     finally:
         logger.setLevel(logging.NOTSET)
+
+
+def test_interpolation_flags_reach_image_config(tmp_path):
+    import argparse
+
+    from bm6b.pipelines.cli import add_curate_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_curate_arguments(parser)
+    args = parser.parse_args(["--upscale-interpolation", "bicubic"])
+    config = config_from_args(args, [str(tmp_path / "m.csv")], str(tmp_path / "out"))
+    assert config.image.upscale_interpolation == "bicubic"
+    assert config.image.downscale_interpolation == "area"

@@ -8,7 +8,7 @@ import ipaddress
 from bm6b.dedup.cli import add_dedup_arguments, dedup_config_from_args
 from bm6b.filters.captions import add_caption_arguments, caption_config_from_args
 from bm6b.filters.download import FetchConfig
-from bm6b.filters.image import ENCODE_FORMATS, RESIZE_MODES, ImageConfig
+from bm6b.filters.image import ENCODE_FORMATS, INTERPOLATIONS, RESIZE_MODES, ImageConfig
 from bm6b.pipelines import ingest
 from bm6b.recipes import add_recipe_option
 
@@ -112,6 +112,12 @@ def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
                        "square; no: keep the size (default: %(default)s)")
     image.add_argument("--resize-upscale", action="store_true",
                        help="let keep_ratio and keep_ratio_largest enlarge smaller images (they only shrink by default)")
+    image.add_argument("--upscale-interpolation", default=ImageConfig.upscale_interpolation, choices=list(INTERPOLATIONS),
+                       help="resampling filter when the output is larger than the source (default: %(default)s)")
+    image.add_argument("--downscale-interpolation", default=ImageConfig.downscale_interpolation,
+                       choices=list(INTERPOLATIONS),
+                       help="resampling filter when the output is smaller; area averages the covered source pixels "
+                       "(default: %(default)s)")
     image.add_argument("--encode-format", default=ImageConfig.encode_format, choices=list(ENCODE_FORMATS),
                        help="stored image format (default: %(default)s)")
     image.add_argument("--jpeg-quality", type=int, default=ImageConfig.jpeg_quality, help="(default: %(default)s)")
@@ -204,6 +210,8 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str):
             image_size=args.image_size,
             resize_mode=args.resize_mode,
             resize_only_if_bigger=not args.resize_upscale,
+            upscale_interpolation=args.upscale_interpolation,
+            downscale_interpolation=args.downscale_interpolation,
             encode_format=args.encode_format,
             jpeg_quality=args.jpeg_quality,
             webp_quality=args.webp_quality,
