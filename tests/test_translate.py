@@ -163,9 +163,9 @@ def test_image_half_splits_test_images():
     # The halves come from the CRC-32 parity of the image id, so they are close to even.
     assert 450 <= len(fit) <= 550
     pairs = harness.build_pairs(raw, "test", half="held-out", limit=3)
-    kept = {en for _, en in pairs["human"]}
+    kept_captions = {en for _, en in pairs["human"]}
     enc = harness.read_captions(raw, "enc")
-    assert kept == {enc[(image, n)] for image in held_out[:3] for n in range(5)}
+    assert kept_captions == {enc[(image, n)] for image in held_out[:3] for n in range(5)}
 
 
 def test_time_scorer_reports_cpu_time(checker):

@@ -208,13 +208,13 @@ class CedictIndex:
     glosses: dict[str, frozenset[str]]
     max_chars: int
     keys: frozenset[str] = field(init=False, repr=False)
-    # Written forms of one and of two characters, and for each length n from 2 to max_chars - 1
-    # the first n characters of the longer forms: ``words_in`` extends a substring only while it
-    # is such a prefix.
+    # Written forms of one and of two characters, and per length n from 2 to max_chars - 1 the
+    # first n characters of every longer form. ``words_in`` extends a substring only while it is
+    # such a prefix.
     single_chars: frozenset[str] = field(init=False, repr=False)
     two_chars: frozenset[str] = field(init=False, repr=False)
     heads: dict[int, frozenset[str]] = field(init=False, repr=False)
-    # Gloss stems of each written form together with their ``prefixes``, built on first use.
+    # Caches filled on first use by ``match_keys`` and ``partial_keys``, and all gloss stems.
     _match_keys: dict[str, frozenset[str]] = field(init=False, repr=False, default_factory=dict)
     _partial_keys: dict[str, frozenset[str]] = field(init=False, repr=False, default_factory=dict)
     _vocabulary: frozenset[str] | None = field(init=False, repr=False, default=None)
@@ -304,7 +304,7 @@ class CedictIndex:
 
         One- and two-character words come from C-level set intersections. A longer word is looked
         for only where its first two characters start some longer written form, and a substring
-        grows only while it is the start of one: on Flickr8k-CN captions 29 % of two-character
+        grows only while it is the start of one. On Flickr8k-CN captions 29 % of two-character
         substrings start a longer form and under 1 % of three-character ones do.
         """
         found: set[str] = set()
@@ -428,7 +428,10 @@ def token_score(zh: str, en: str) -> float | None:
 
 
 def han_share(text: str, han_count: int | None = None) -> float:
-    """Return the share of Han characters among the letters of ``text``; ``han_count`` saves a count."""
+    """Return the share of Han characters among the letters of ``text``.
+
+    A caller that has already counted the Han characters of ``text`` passes ``han_count``.
+    """
     if text.isascii():
         return 0.0
     letters = len(_LETTER_RE.findall(text))
@@ -527,8 +530,8 @@ class TranslateChecker:
     def score(self, zh: str, en: str) -> TranslateScore:
         config = self.config
 
-        # Regex passes over zh are shared between the sub-scores: the Han count, and the Latin
-        # tokens only when zh has an ASCII letter or digit at all.
+        # The sub-scores share one Han count of zh. The Latin tokens of zh are counted only when
+        # zh has an ASCII letter or digit at all.
         han_count = len(_HAN_RE.findall(zh))
         rule = self._hard_rule(zh, en, han_count)
         if rule:
