@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import re
 
 import pytest
 
@@ -11,8 +12,10 @@ from bm6b.filters.literal_gate import LiteralGate
 from bm6b.filters.text_normalize import normalize_caption
 from bm6b.filters.text_quality import (
     check_caption,
+    is_han_text,
     junk_issue,
     repeated_word_ratio,
+    repetition_issue,
     special_char_ratio,
     strip_boilerplate,
     zh_length,
@@ -207,7 +210,13 @@ def test_flickr8k_and_coco_pass():
         (r"\b(?:stockfoto(?:grafie)?s?|stockbild(?:er)?)\b", "a dog in the snow", False),
         (r"\b(?:stockfoto(?:grafie)?s?|stockbild(?:er)?)\b", "a stock market chart", True),  # shares "stock"
         (r"图库(?:照片|图片)", "a plain English caption", False),
-        (r"图库(?:照片|图片)", "狗的图库照片", True),  # non-ASCII text always goes to the regex
+        (r"图库(?:照片|图片)", "狗的图库照片", True),
+        (r"图库(?:照片|图片)", "一只狗在草地上奔跑", False),
+        (r"\bstock\s+photos?\b", "草地上的狗 STOCK photo", True),
+        (r"\bstock\s+photos?\b", "草地上的狗 stock market", True),  # shares "stock"
+        (r"\bstock\s+photos?\b", "草地上的狗", False),
+        (r"\bstock\b", "\u017ftock 狗", True),  # U+017F matches s under IGNORECASE
+        (r"\bkitten\b", "\u212aitten 猫", True),  # so does U+212A (Kelvin sign) for k
         (r"\d{3,}", "photo 12345", True),  # no literal: the gate is off
     ],
 )
@@ -220,3 +229,71 @@ def test_literal_gate_cased_non_ascii_literal_turns_gate_off():
     gate = LiteralGate(["\u017ftock"])
     assert gate.enabled is False
     assert gate.may_match("stock") is True
+
+
+def test_literal_gate_case_variants_complete():
+    # Every non-ASCII character that re.IGNORECASE matches to an ASCII letter, or that lower()
+    # turns into ASCII, must send the text to the regex.
+    letter = re.compile("[a-z]", re.IGNORECASE)
+    variants = {
+        chr(cp)
+        for cp in range(0x80, 0x110000)
+        if letter.fullmatch(chr(cp)) or any(ch.isascii() for ch in chr(cp).lower())
+    }
+    assert variants == {"\u0130", "\u0131", "\u017f", "\u212a"}
+    gate = LiteralGate([r"\bsix\b"])
+    for char in variants:
+        assert gate.may_match(f"猫 {char}"), hex(ord(char))
+
+
+def real_captions(laion) -> list[str]:
+    zh = list(flickr8k_captions("zhc").values())[:2000]
+    crafted = ["Shootout............", "哈哈哈哈哈哈哈 好开心", "zzzzzzz", "1000000000", "aaaaaa b", "!!!!!!!", "一一一一一一一"]
+    return [normalize_caption(t) for t in laion + zh + coco_captions(limit=2000) + crafted]
+
+
+def test_char_run_same_as_backreference_regex(laion):
+    pattern = re.compile(r"([^\d\s])\1{6,}")
+    found = 0
+    for text in real_captions(laion):
+        issue = repetition_issue(text, CONFIG)
+        rule = issue.rule if issue else None
+        expected = pattern.search(text) is not None
+        assert (rule == "char_run") is expected, text
+        found += expected
+    assert found >= 6
+
+
+def test_repeated_word_ratio_ascii_same_as_regex(laion):
+    for text in real_captions(laion):
+        if not text.isascii():
+            continue
+        tokens = re.findall(r"\w+", text.lower())
+        expected = (1.0 - len(set(tokens)) / len(tokens), len(tokens)) if tokens else (0.0, 0)
+        assert repeated_word_ratio(text) == expected, text
+
+
+def test_special_char_ratio_ascii_same_as_regex(laion):
+    special = re.compile(r"[^\w\s.,;:!?'\"()\-]")
+    for text in real_captions(laion):
+        if not text.isascii():
+            continue
+        nonspace = len("".join(text.split()))
+        expected = len(special.findall(text)) / nonspace if nonspace else 0.0
+        assert special_char_ratio(text) == expected, text
+
+
+def test_is_han_text_counts_letters():
+    assert is_han_text("一只狗在草地上") is True
+    assert is_han_text("iPhone 13 手机壳") is False  # 3 Han of 9 letters
+    assert is_han_text("手机壳 iPhone") is False  # 3 Han of 9 letters
+    assert is_han_text("大熊猫 Panda") is False  # 3 Han of 8 letters
+    assert is_han_text("大熊猫 cub") is True  # 3 Han of 6 letters: exactly half
+    assert is_han_text("2019年") is True  # one letter, and it is Han
+    assert is_han_text("a dog") is False
+
+
+def test_file_name_with_spaces():
+    assert junk_issue("my trip to rome.JPEG").rule == "file_name"
+    assert junk_issue("photo .png").rule == "file_name"
+    assert junk_issue("a png file on a desk") is None

@@ -1,11 +1,15 @@
-"""A cheap pre-check that detects when a case-insensitive regex cannot match ASCII text.
+"""A cheap pre-check that detects when a case-insensitive regex cannot match a text.
 
-Most captions are plain ASCII and match none of the boilerplate or blocklist patterns, yet a
-``re`` alternation of patterns that start with ``\\b`` tries every pattern at every position.
-``LiteralGate`` extracts from each pattern a set of strings one of which occurs in every match,
-and checks ASCII text for them with one Aho-Corasick pass (pyahocorasick) over the lower-cased
-text. When none occurs, the regex cannot match and is skipped. Non-ASCII text always goes to the
-regex, so case folding beyond ASCII never affects the outcome.
+Most captions match none of the boilerplate or blocklist patterns, yet a ``re`` alternation of
+patterns that start with ``\\b`` tries every pattern at every position. ``LiteralGate`` extracts
+from each pattern a set of strings one of which occurs in every match, and checks the text for
+them with one Aho-Corasick pass (pyahocorasick) over the lower-cased text. When none occurs, the
+regex cannot match and is skipped.
+
+The pass is exact for ASCII literals because ``str.lower`` keeps every character in place and maps
+it to a single character, except for U+0130. ``re.IGNORECASE`` also matches four non-ASCII
+characters to ASCII letters (U+0130 and U+0131 to i, U+017F to s, U+212A to k, in Python 3.11),
+so text that contains one of them always goes to the regex.
 """
 
 from __future__ import annotations
@@ -52,6 +56,11 @@ def _required_literals(items) -> set[str] | None:
     return max(candidates, key=lambda strings: min(len(s) for s in strings))
 
 
+# Non-ASCII characters that re.IGNORECASE matches to an ASCII letter. tests/test_text_quality.py
+# derives the same set from the re module and str.lower.
+_ASCII_CASE_VARIANTS_RE = re.compile("[\u0130\u0131\u017f\u212a]")
+
+
 def _is_uncased(char: str) -> bool:
     return char.lower() == char == char.upper()
 
@@ -60,8 +69,8 @@ class LiteralGate:
     """Decide with one Aho-Corasick pass whether any of a set of regexes may match ASCII text.
 
     ``patterns`` are regex sources compiled with ``re.IGNORECASE``. ``may_match`` returns False
-    only when the text is ASCII and no pattern can match it. A pattern without extractable
-    literals, or with a cased non-ASCII literal, turns the gate off (``may_match`` always True).
+    only when no pattern can match the text. A pattern without extractable literals, or with a
+    cased non-ASCII literal, turns the gate off (``may_match`` always True).
     """
 
     def __init__(self, patterns: Iterable[str]):
@@ -73,12 +82,12 @@ class LiteralGate:
                 self.enabled = False
                 break
             for literal in required:
-                if literal.isascii():
+                if all(ch.isascii() or _is_uncased(ch) for ch in literal):
+                    # Uncased characters (Han, kana) match only themselves and lower() keeps them.
                     literals.add(literal.lower())
-                elif not all(ch.isascii() or _is_uncased(ch) for ch in literal):
+                else:
                     # A cased non-ASCII character such as U+017F can match ASCII under IGNORECASE.
                     self.enabled = False
-                # An uncased non-ASCII literal (Han, kana) cannot occur in ASCII text.
 
         self._automaton = None
         if self.enabled and literals:
@@ -89,7 +98,9 @@ class LiteralGate:
             self._automaton = automaton
 
     def may_match(self, text: str) -> bool:
-        if not self.enabled or not text.isascii():
+        if not self.enabled:
+            return True
+        if not text.isascii() and _ASCII_CASE_VARIANTS_RE.search(text) is not None:
             return True
         if self._automaton is None:
             return False

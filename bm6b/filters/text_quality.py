@@ -9,6 +9,7 @@ run can replace them without code changes.
 from __future__ import annotations
 
 import functools
+import operator
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,13 @@ _SPECIAL_RE = re.compile(
 _WORD_RE = re.compile(r"\w+")
 _NON_HAN_RE = re.compile(f"[^{HAN_CLASS}]+")
 _EDGE_JUNK_RE = re.compile(r"^[\s\-\u2013\u2014|:,#/~*]+|[\s\-\u2013\u2014|:,#/~*]+$")
+_IMAGE_SUFFIXES = tuple(f".{extension}" for extension in IMAGE_EXTENSIONS)
+
+# Byte tables for the ASCII fast paths, derived from the regexes above so both paths agree.
+_ASCII_SPACE = bytes(c for c in range(128) if chr(c).isspace())
+_ASCII_NOT_SPECIAL = bytes(c for c in range(128) if not _SPECIAL_RE.match(chr(c)))
+_ASCII_NON_WORD = bytes(c for c in range(128) if not _WORD_RE.match(chr(c)))
+_ASCII_NON_WORD_TO_SPACE = bytes.maketrans(_ASCII_NON_WORD, b" " * len(_ASCII_NON_WORD))
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,21 @@ def count_han(text: str) -> int:
     return len(_HAN_RE.findall(text))
 
 
+def _han_profile(text: str) -> tuple[str, bool]:
+    """Return the Han characters of a caption, and whether they are at least half of its letters."""
+    if text.isascii():
+        return "", False
+    han = _NON_HAN_RE.sub("", text)
+    if not han:
+        return "", False
+    if 2 * len(han) >= len(text) and han.isalpha():
+        # Every Han character here is a letter and there are at most len(text) letters, so
+        # counting the letters one by one (the slow part) cannot change the result.
+        return han, True
+    letters = len(_LETTER_RE.findall(text))
+    return han, letters > 0 and 2 * len(han) >= letters
+
+
 def zh_length(text: str) -> int:
     """Length of a Chinese caption: Han characters plus Latin or digit words ("iPhone 13 手机壳" is 5)."""
     return count_han(text) + len(_LATIN_WORD_RE.findall(text))
@@ -64,10 +87,7 @@ def en_words(text: str) -> list[str]:
 
 def is_han_text(text: str) -> bool:
     """True when Han characters are at least half of the letters (a zh-style length applies)."""
-    if text.isascii():
-        return False
-    letters = _LETTER_RE.findall(text)
-    return bool(letters) and 2 * count_han(text) >= len(letters)
+    return _han_profile(text)[1]
 
 
 @functools.lru_cache(maxsize=32)
@@ -140,6 +160,15 @@ def strip_boilerplate(text: str, config: CaptionConfig) -> str:
 def junk_issue(text: str) -> QualityIssue | None:
     """Detect captions that are a URL, a file name, a URL slug, or have no letters at all."""
     stripped = text.strip()
+    if stripped.isascii() and " " in stripped:
+        # A URL, a camera file name and a slug contain no whitespace, and in ASCII text the file
+        # name pattern is the same as an image suffix at the end.
+        if stripped.lower().endswith(_IMAGE_SUFFIXES):
+            return QualityIssue("file_name", "the caption is an image file name")
+        if not _LETTER_RE.search(stripped):
+            return QualityIssue("no_letters", "the caption has only digits, spaces or symbols")
+        return None
+
     if _URL_RE.fullmatch(stripped):
         return QualityIssue("url", "the caption is a URL")
     if _FILE_NAME_RE.search(stripped) or _CAMERA_NAME_RE.match(stripped):
@@ -152,8 +181,13 @@ def junk_issue(text: str) -> QualityIssue | None:
 
 
 def length_issue(text: str, language: str, config: CaptionConfig) -> QualityIssue | None:
-    if language in config.zh_labels or (language not in ("en",) and is_han_text(text)):
-        n = zh_length(text)
+    han, han_text = _han_profile(text)
+    return _length_issue(text, language, config, han, han_text)
+
+
+def _length_issue(text: str, language: str, config: CaptionConfig, han: str, han_text: bool) -> QualityIssue | None:
+    if language in config.zh_labels or (language != "en" and han_text):
+        n = len(han) + len(_LATIN_WORD_RE.findall(text))
         if n < config.min_zh_chars:
             return QualityIssue("too_short", f"{n} Chinese characters and words < {config.min_zh_chars}")
         if n > config.max_zh_chars:
@@ -161,7 +195,7 @@ def length_issue(text: str, language: str, config: CaptionConfig) -> QualityIssu
         return None
 
     words = en_words(text)
-    chars = sum(len(w) for w in words)
+    chars = len("".join(words))
     if len(words) < config.min_en_words:
         return QualityIssue("too_short", f"{len(words)} words < {config.min_en_words}")
     if chars < config.min_en_chars:
@@ -172,6 +206,13 @@ def length_issue(text: str, language: str, config: CaptionConfig) -> QualityIssu
 
 
 def special_char_ratio(text: str) -> float:
+    if text.isascii():
+        data = text.encode("ascii")
+        nonspace = len(data.translate(None, _ASCII_SPACE))
+        if nonspace == 0:
+            return 0.0
+        return len(data.translate(None, _ASCII_NOT_SPECIAL)) / nonspace
+
     nonspace = len("".join(text.split()))
     if nonspace == 0:
         return 0.0
@@ -180,9 +221,17 @@ def special_char_ratio(text: str) -> float:
 
 def repeated_word_ratio(text: str) -> tuple[float, int]:
     """Share of tokens that repeat an earlier token; Han text is tokenized into character bigrams."""
-    if is_han_text(text):
-        han = _NON_HAN_RE.sub("", text)
-        tokens = [han[i : i + 2] for i in range(len(han) - 1)]
+    han, han_text = _han_profile(text)
+    return _repeated_word_ratio(text, han, han_text)
+
+
+def _repeated_word_ratio(text: str, han: str, han_text: bool) -> tuple[float, int]:
+    if han_text:
+        # The bigrams han[i:i+2], joined by map from the two shifted strings without a Python loop.
+        tokens = list(map(operator.add, han, han[1:]))
+    elif text.isascii():
+        # Same tokens as _WORD_RE.findall: in ASCII, \w is [A-Za-z0-9_].
+        tokens = text.encode("ascii").lower().translate(_ASCII_NON_WORD_TO_SPACE).split()
     else:
         tokens = _WORD_RE.findall(text.lower())
     if not tokens:
@@ -195,20 +244,58 @@ def _char_run_pattern(max_run: int) -> re.Pattern[str]:
     return re.compile(rf"([^\d\s])\1{{{max_run},}}")
 
 
-def repetition_issue(text: str, config: CaptionConfig) -> QualityIssue | None:
-    run = _char_run_pattern(config.max_char_run).search(text)
-    if run:
-        return QualityIssue("char_run", f"{run.group(0)[:20]!r} repeats one character more than {config.max_char_run} times")
+def _may_have_char_run(text: str, max_run: int) -> bool:
+    """Return False only when no character repeats more than ``max_run`` times in a row (a cheap pre-check).
 
-    ratio, n_tokens = repeated_word_ratio(text)
+    A run of max_run + 1 equal characters needs max_run equal neighbours. For ASCII text, the XOR
+    of the text with itself shifted by one byte is zero exactly where neighbours are equal, so the
+    run shows as max_run zero bytes in a row. Other text needs max_run repeated characters.
+    """
+    if len(text) <= max_run:
+        return False
+    if text.isascii():
+        data = text.encode("ascii")
+        neighbours = int.from_bytes(data[1:], "big") ^ int.from_bytes(data[:-1], "big")
+        return bytes(max_run) in neighbours.to_bytes(len(data) - 1, "big")
+    return len(text) - len(set(text)) >= max_run
+
+
+def repetition_issue(text: str, config: CaptionConfig) -> QualityIssue | None:
+    han, han_text = _han_profile(text)
+    return _repetition_issue(text, config, han, han_text)
+
+
+def _repetition_issue(text: str, config: CaptionConfig, han: str, han_text: bool) -> QualityIssue | None:
+    if _may_have_char_run(text, config.max_char_run):
+        run = _char_run_pattern(config.max_char_run).search(text)
+        if run:
+            return QualityIssue("char_run", f"{run.group(0)[:20]!r} repeats one character more than {config.max_char_run} times")
+
+    if han_text and len(han) >= 2:
+        # Han text has len(han) - 1 bigrams. Bigrams that start with different characters differ,
+        # so the distinct first characters bound the distinct bigrams from below, and the repeated
+        # share from above, without building the bigrams.
+        n_tokens = len(han) - 1
+        if n_tokens < config.min_words_for_repeat_check:
+            return None
+        if 1.0 - len(set(han[:-1])) / n_tokens <= config.max_repeated_word_ratio:
+            return None
+
+    ratio, n_tokens = _repeated_word_ratio(text, han, han_text)
     if n_tokens >= config.min_words_for_repeat_check and ratio > config.max_repeated_word_ratio:
         return QualityIssue("repeated_words", f"{ratio:.2f} of {n_tokens} tokens repeat > {config.max_repeated_word_ratio}")
     return None
 
 
 def blocklist_issue(text: str, config: CaptionConfig) -> QualityIssue | None:
-    lists = tuple((language, tuple(paths)) for language, paths in config.blocklist_files.items())
-    if not _blocklist_gate(lists).may_match(text):
+    lists = tuple(config.blocklist_files.items())
+    try:
+        gate = _blocklist_gate(lists)
+    except TypeError:
+        # The cache key must be hashable, so paths given as a list become tuples.
+        lists = tuple((language, tuple(paths)) for language, paths in lists)
+        gate = _blocklist_gate(lists)
+    if not gate.may_match(text):
         return None
     for language, paths in lists:
         pattern = load_blocklist(language, tuple(paths))
@@ -240,17 +327,27 @@ def check_caption(text: str, language: str, config: CaptionConfig,
         if not text:
             return text, QualityIssue("boilerplate", "only boilerplate phrases and URLs")
 
+    return text, content_issue(text, language, config)
+
+
+def content_issue(text: str, language: str, config: CaptionConfig) -> QualityIssue | None:
+    """Run the rules that follow junk detection and boilerplate removal in ``check_caption``.
+
+    They are, in order: blocklists, length, special characters, repeated characters and words.
+    Returns the first failing rule, or ``None``.
+    """
     issue = blocklist_issue(text, config)
     if issue:
-        return text, issue
+        return issue
 
-    issue = length_issue(text, language, config)
+    # The Han characters feed both the length and the repeated-word rule.
+    han, han_text = _han_profile(text)
+    issue = _length_issue(text, language, config, han, han_text)
     if issue:
-        return text, issue
+        return issue
 
     ratio = special_char_ratio(text)
     if ratio > config.max_special_char_ratio:
-        return text, QualityIssue("special_chars", f"special-character ratio {ratio:.2f} > {config.max_special_char_ratio}")
+        return QualityIssue("special_chars", f"special-character ratio {ratio:.2f} > {config.max_special_char_ratio}")
 
-    issue = repetition_issue(text, config)
-    return text, issue
+    return _repetition_issue(text, config, han, han_text)
