@@ -42,6 +42,12 @@ _KEEP_ZH_PUNCT_RE = re.compile(f"(?<=[{HAN_CLASS}\uff09\u3001\u3002])([{_ZH_PUNC
 _HAN_SPACE_RE = re.compile(f"(?<=[{HAN_CLASS}\u3001\u3002{_ZH_PUNCT}])\\s+(?=[{HAN_CLASS}])|(?<=[{HAN_CLASS}])\\s+(?=[{_ZH_PUNCT}\u3001\u3002])")
 _SPACE_RE = re.compile(r"\s+")
 
+# Any character that one of the steps before NFKC, or the whitespace step, acts on. Text without
+# one of them changes only by NFKC (see normalize_caption).
+_PRE_NFKC_RE = re.compile(
+    "[&<\\s" + _MOJIBAKE_HINT_RE.pattern[1:-1] + _INVISIBLE_RE.pattern[1:-1] + _CONTROL_RE.pattern[1:-1] + "]"
+)
+
 
 def unescape_html(text: str) -> str:
     """Decode HTML entities, twice at most, so ``&amp;quot;`` also becomes ``"``."""
@@ -96,6 +102,16 @@ def normalize_caption(text: str | None, config: CaptionConfig | None = None) -> 
     if text.isascii() and text.isprintable() and "&" not in text and "<" not in text:
         # Printable ASCII (U+0020..U+007E) without entities or tags: only spaces can change.
         return " ".join(text.split())
+
+    if _PRE_NFKC_RE.search(text) is None:
+        # No entity, tag, mojibake hint, invisible or control character, and no whitespace, so
+        # every step but NFKC leaves the text as it is. NFKC can still add a space (U+00A8 -> " \u0308").
+        if unicodedata.is_normalized("NFKC", text):
+            return text
+        text = nfkc_keep_zh_punct(text)
+        if _SPACE_RE.search(text) is None:
+            return text
+        return collapse_whitespace(text, join_han=config.join_han_spaces)
 
     if config.strip_html:
         text = unescape_html(text)

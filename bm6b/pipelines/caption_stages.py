@@ -21,6 +21,9 @@ from bm6b.pipelines.stages import RejectingDoFn, StageOutput, split_rejects
 
 STAGES = ("captions", "lid", "caption_frequency", "translate")
 
+# Records per language-ID batch. A bundle's last batch may be smaller.
+LID_BATCH_SIZE = 256
+
 
 class _RecordStage(RejectingDoFn):
     """Apply one per-record function that returns (record, failure or None)."""
@@ -44,6 +47,8 @@ class _Normalize(_RecordStage):
 
 
 class _LanguageId(_RecordStage):
+    """Language ID on batches of records from ``beam.BatchElements``."""
+
     stage = "lid"
 
     def __init__(self, config: CaptionConfig):
@@ -53,9 +58,10 @@ class _LanguageId(_RecordStage):
         super().setup()
         self.model = captions.load_lid_model()
 
-    def process(self, record: dict[str, Any]):
-        self._in.inc()
-        yield self._emit(*captions.assign_languages(record, self.model, self.config))
+    def process(self, batch: list[dict[str, Any]]):
+        for record, failure in captions.assign_languages_batch(batch, self.model, self.config):
+            self._in.inc()
+            yield self._emit(record, failure)
 
 
 class _DropFrequent(_RecordStage):
@@ -105,7 +111,9 @@ class LanguageId(beam.PTransform):
         self.config = config
 
     def expand(self, records):
-        return split_rejects(records, "Detect", _LanguageId(self.config))
+        # fastText runs about twice as fast on a batch as between the Python rules of each record.
+        batches = records | "Batch" >> beam.BatchElements(min_batch_size=LID_BATCH_SIZE, max_batch_size=LID_BATCH_SIZE)
+        return split_rejects(batches, "Detect", _LanguageId(self.config))
 
 
 class CaptionFrequency(beam.PTransform):
