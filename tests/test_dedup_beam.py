@@ -14,6 +14,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from bm6b.dedup import DedupCaptions, DedupExactImages, DedupNearImages, DedupUrls, Decontaminate
 from bm6b.dedup.components import ConnectedComponents, large_star, small_star
 from bm6b.dedup.evalsets import EvalIndex
+from bm6b.dedup.transforms import _BandKeys
 from bm6b.schemas import new_record
 
 def _dump(path: str):
@@ -96,7 +97,7 @@ def test_dedup_exact_images_by_sha256():
     ]
 
 
-@pytest.mark.parametrize("candidates", ["pigeonhole", "sampled"])
+@pytest.mark.parametrize("candidates", ["auto", "pigeonhole", "sampled"])
 def test_near_images_cluster_and_representative(candidates):
     base = 0x8F3C_5A10_77E2_C419
     far = 0x1234_5678_9ABC_DEF0
@@ -121,6 +122,26 @@ def test_near_images_cluster_and_representative(candidates):
     }
     assert {r["reason"] for r in out["rejects"]} == {"near_duplicate_image"}
     assert {r["stage"] for r in out["rejects"]} == {"dedup_near_image"}
+
+
+def test_band_keys_follow_the_count():
+    record = make("00000000000000e1", phash=0x0123_4567_89AB_CDEF)
+    # 1,000 codes, sampled: round(log2 1000) + 2 = 12 bits, 15 tables at radius 6 (see
+    # test_sampled_tables_for_count_by_hand); pigeonhole: radius + 1 = 7 bands.
+    sampled = list(_BandKeys(6, "sampled", None).process(record, count=1000))
+    assert [band for (band, _), _ in sampled] == list(range(15))
+    exact = list(_BandKeys(6, "auto", None).process(record, count=1000))
+    assert [band for (band, _), _ in exact] == list(range(7))
+    # Pigeonhole band 0 is the lowest 10 bits: 0xCDEF & 0x3FF = 0x1EF.
+    assert exact[0][0] == (0, 0x1EF)
+    assert exact[0][1][1] == 0x0123_4567_89AB_CDEF
+
+
+def test_near_images_rejects_bad_table_bits():
+    with pytest.raises(ValueError, match="invalid bits per table 60"):
+        DedupNearImages(radius=6, candidates="sampled", sampled_bits=60)
+    with pytest.raises(ValueError, match="unknown candidate scheme"):
+        DedupNearImages(radius=6, candidates="lsh")
 
 
 def test_near_images_radius_is_inclusive():

@@ -73,6 +73,68 @@ def test_sampled_table_count_meets_target():
     assert all(len(set(band)) == 24 for band in scheme.bands)
 
 
+def test_sampled_bits_by_hand():
+    # round(log2 N) + 2: log2 of 1e6 is 19.93, of 1e7 23.25, of 2.9e6 21.47, of 3e6 21.52.
+    assert ph.sampled_bits_for(1_000_000, 6) == 22
+    assert ph.sampled_bits_for(10_000_000, 6) == 25
+    assert ph.sampled_bits_for(2_900_000, 6) == 23
+    assert ph.sampled_bits_for(3_000_000, 6) == 24
+    assert ph.sampled_bits_for(1 << 20, 6) == 22
+    assert ph.sampled_bits_for(1, 6) == 3
+    # 2**40 codes would take 42 bits; band values stop at 32 bits.
+    assert ph.sampled_bits_for(1 << 40, 6) == 32
+
+
+def test_sampled_tables_for_count_by_hand():
+    # 22 bits at radius 6: p = (42*41*40*39*38*37) / (64*63*62*61*60*59) = 0.069968, and
+    # ceil(ln 0.01 / ln(1 - p)) = ceil(63.49) = 64 tables.
+    scheme = ph.make_scheme(6, "sampled", count=1_000_000)
+    assert len(scheme.bands) == 64
+    assert {len(band) for band in scheme.bands} == {22}
+    # 25 bits (10M codes): p = (39*38*37*36*35*34) / (64*...*59) = 0.043517, ceil(103.5) = 104.
+    assert len(ph.make_scheme(6, "sampled", count=10_000_000).bands) == 104
+    # 12 bits (1,000 codes): p = (52*51*50*49*48*47) / (64*...*59) = 0.271543, ceil(14.53) = 15.
+    assert len(ph.make_scheme(6, "sampled", count=1000).bands) == 15
+    # Explicit bits win over the count.
+    assert {len(band) for band in ph.make_scheme(6, "sampled", count=1000, bits=20).bands} == {20}
+
+
+def test_estimated_work_by_hand():
+    # Radius 6: one 10-bit band and six 9-bit bands. 1,024 codes, pair cost 1:
+    # 9 bits: 1024 + 1024 * 1023 / 2**10 = 2047; 10 bits: 1024 + 1024 * 1023 / 2**11 = 1535.5.
+    assert ph.estimated_work(ph.pigeonhole_scheme(6), 1024, pair_cost=1.0) == pytest.approx(6 * 2047 + 1535.5)
+    assert ph.estimated_work(ph.pigeonhole_scheme(6), 1024, pair_cost=0.0) == 7 * 1024
+
+
+def test_auto_scheme_by_hand():
+    # 1M codes, radius 6. Pigeonhole: 7e6 band values + 6.347e9 pairs; sampled: 64 tables of
+    # 22 bits, 6.4e7 band values + 64 * 1e6**2 / 2**23 = 7.6e6 pairs.
+    # In memory (pair cost 0.03): 1.97e8 > 2 * 6.42e7, so sampled.
+    assert not ph.make_scheme(6, "auto", count=1_000_000, pair_cost=ph.IN_MEMORY_PAIR_COST).exact
+    # In Beam (pair cost 1e-4): 7.63e6 <= 2 * 6.4e7, so pigeonhole, and at 10M:
+    # 7e7 + 6.35e7 = 1.3e8 <= 2 * 104 * 1e7, pigeonhole again.
+    assert ph.make_scheme(6, "auto", count=1_000_000).exact
+    assert ph.make_scheme(6, "auto", count=10_000_000, pair_cost=ph.BEAM_PAIR_COST).exact
+    # 4e9 codes in Beam: pigeonhole 2.8e10 band values + 1e-4 * 1.0e17 pairs = 1.0e13, against
+    # 379 tables of 32 bits * 4e9 = 1.5e12 for sampled, so sampled.
+    assert not ph.make_scheme(6, "auto", count=4_000_000_000).exact
+
+
+def test_auto_and_sampled_need_count():
+    with pytest.raises(ValueError, match="needs the number of codes"):
+        ph.make_scheme(6, "auto")
+    with pytest.raises(ValueError, match="needs the number of codes"):
+        ph.make_scheme(6, "sampled")
+    assert ph.make_scheme(6, "pigeonhole").exact
+
+
+def test_single_band_of_64_bits_finds_equal_codes():
+    # Radius 0 is one 64-bit band, grouped by argsort instead of the (value << 32 | index) sort.
+    codes = np.array([7, 1 << 63, 7, 3, 1 << 63, 7], dtype=np.uint64)
+    found = _pair_set(ph.candidate_pairs(codes, ph.pigeonhole_scheme(0)))
+    assert found == {(0, 2), (0, 5), (2, 5), (1, 4)}
+
+
 def test_collision_probability_by_hand():
     # One sampled bit avoids 8 differing bits of 64 with probability 56/64.
     assert ph.collision_probability(8, 1) == pytest.approx(56 / 64)

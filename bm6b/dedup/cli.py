@@ -21,9 +21,13 @@ def add_dedup_arguments(parser: argparse.ArgumentParser) -> None:
                        f"(default: {DEFAULT_RADIUS})")
     group.add_argument("--no-near-dup-images", dest="near_dup_images", action="store_false",
                        help="skip near-duplicate image dedup")
-    group.add_argument("--near-dup-candidates", choices=["pigeonhole", "sampled"], default="pigeonhole",
-                       help="candidate generation: pigeonhole bands (exact) or bit-sampling LSH tables "
-                       "(approximate, 99%% recall at the radius, for very large runs) (default: pigeonhole)")
+    group.add_argument("--near-dup-candidates", choices=["auto", "pigeonhole", "sampled"], default="auto",
+                       help="candidate generation: pigeonhole bands (exact, work grows with the square of the "
+                       "image count), bit-sampling LSH tables (99%% recall at the radius, one shuffled element per image "
+                       "and table), or auto: pigeonhole unless its estimated work exceeds 2x that of sampled, which "
+                       "at radius 6 happens past about a billion images (default: auto)")
+    group.add_argument("--near-dup-table-bits", type=int, default=None, metavar="BITS",
+                       help="bits per table of the sampled scheme (default: log2 of the image count, rounded, + 2)")
     group.add_argument("--no-caption-dedup", dest="caption_dedup", action="store_false",
                        help="skip caption dedup (exact and near)")
     group.add_argument("--no-caption-near-dup", dest="caption_near_dup", action="store_false",
@@ -44,6 +48,7 @@ def dedup_config_from_args(args: argparse.Namespace) -> DedupConfig:
         near_images=args.near_dup_images,
         radius=args.near_dup_radius,
         candidates=args.near_dup_candidates,
+        sampled_bits=args.near_dup_table_bits,
         captions=args.caption_dedup,
         caption_near=args.caption_near_dup,
         caption_threshold=args.caption_dup_threshold,

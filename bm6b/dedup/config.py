@@ -17,8 +17,10 @@ class DedupConfig:
     urls: bool = True  # one sample per normalized URL, before download
     near_images: bool = True
     radius: int = DEFAULT_RADIUS  # pHash Hamming radius in bits, inclusive
-    candidates: str = "pigeonhole"  # "pigeonhole" (exact) or "sampled" (bit-sampling LSH)
-    sampled_bits: int = 24  # bits per table of the "sampled" scheme
+    # "pigeonhole" (exact), "sampled" (bit-sampling LSH) or "auto", which picks one of them
+    # from the number of pHash codes (bm6b.dedup.phash.make_scheme).
+    candidates: str = "auto"
+    sampled_bits: int | None = None  # bits per sampled table; None: derived from the number of pHash codes
     captions: bool = True
     caption_near: bool = True  # MinHash LSH near duplicates, besides the exact key
     caption_threshold: float = 0.9  # Jaccard similarity of the shingle sets

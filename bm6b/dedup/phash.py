@@ -1,6 +1,6 @@
 """Near-duplicate search over 64-bit pHash codes: candidate bands, verification, clustering.
 
-Candidate generation groups codes by (band, band value). Two schemes exist:
+Candidate generation groups codes by (band, band value). Two schemes exist, and ``auto`` picks one:
 
 * ``pigeonhole`` (exact): the 64 bits are cut into ``radius + 1`` contiguous bands. Two codes
   within Hamming distance ``radius`` differ in at most ``radius`` bits, so at least one band
@@ -9,8 +9,17 @@ Candidate generation groups codes by (band, band value). Two schemes exist:
 * ``sampled`` (approximate): ``tables`` groups of ``bits`` randomly chosen bit positions (bit
   sampling LSH). A pair at distance d collides in one table with probability
   ``C(64 - d, bits) / C(64, bits)``. The table count is chosen so that a pair at exactly
-  ``radius`` is found with probability ``target_recall``. With ``bits`` close to ``log2 N``
-  groups stay small and the work grows close to linearly.
+  ``radius`` is found with probability ``target_recall``. ``sampled_bits_for`` ties ``bits``
+  to ``log2 N``, so a code shares its group with 0.18-0.35 random codes on average at any N. The tables
+  then grow by about 1.6x per 10x codes (radius 6: 64 tables of 22 bits at 1M, 104 of 25 bits
+  at 10M). The work grows with N times the table count, not quadratically: about 25x per 10x
+  codes in ``benchmarks/dedup_scaling.py``, where the cost per code and table also grows.
+* ``auto`` (the default): ``auto_scheme`` keeps pigeonhole while its estimated work stays within
+  ``EXACT_WORK_FACTOR`` times that of the sampled tables for the same N. The estimate weighs a
+  verified pair against one band value per code, and that weight differs by runtime: in Beam,
+  where each (band value, code) element costs microseconds, radius 6 stays exact up to about
+  a billion codes. In memory (``candidate_pairs``) it switches to sampled between 500,000 and
+  700,000 codes.
 
 Inside a group every pair is verified by popcount (numpy for small groups, a faiss
 ``IndexBinaryFlat`` range search in query chunks for large ones), and only a spanning forest of
@@ -28,8 +37,9 @@ import numpy as np
 
 HASH_BITS = 64
 
-# Groups with more distinct codes than this are verified with faiss instead of numpy pairs.
-FAISS_MIN_GROUP = 2048
+# Groups with at least this many distinct codes are verified with faiss instead of numpy pairs:
+# with one thread, faiss 1.15 costs 2.9 ns per pair at 256 codes and 1.3 at 2,048, numpy about 7.5.
+FAISS_MIN_GROUP = 256
 # Query rows per faiss range search, at most; a chunk covers at most FAISS_MAX_RESULTS candidate
 # pairs, so a group whose codes all match keeps about 200 MB of results in memory at a time.
 FAISS_QUERY_CHUNK = 4096
@@ -76,14 +86,15 @@ class BandScheme:
 
     def band_values_array(self, codes: np.ndarray, band: int) -> np.ndarray:
         """Return one band's values (uint32 when every band has at most 32 bits) for an array of uint64 codes."""
-        codes = np.ascontiguousarray(codes, dtype=np.uint64)
-        code_bytes = codes.view(np.uint8).reshape(-1, 8)
-        if not np.little_endian:
-            code_bytes = code_bytes[:, ::-1]
+        # Four lookups in 65,536-entry tables (built from pairs of byte tables) instead of eight.
+        words = np.ascontiguousarray(codes, dtype="<u8").view("<u2").reshape(-1, 4)
         table = self._array_tables[band]
-        values = table[0][code_bytes[:, 0]]
-        for byte in range(1, 8):
-            values |= table[byte][code_bytes[:, byte]]
+        values = None
+        for word in range(4):
+            low, high = table[2 * word], table[2 * word + 1]
+            word_table = (low[None, :] | high[:, None]).ravel()
+            part = word_table[words[:, word]]
+            values = part if values is None else values | part
         return values
 
 
@@ -123,12 +134,70 @@ def sampled_scheme(radius: int, bits: int, target_recall: float = 0.99, seed: in
     return BandScheme(radius, bands, exact=False)
 
 
-def make_scheme(radius: int, candidates: str = "pigeonhole", bits: int = 24, target_recall: float = 0.99) -> BandScheme:
+CANDIDATE_SCHEMES = ("auto", "pigeonhole", "sampled")
+# A sampled table gets round(log2 N) + AUTO_EXTRA_BITS bits, so a random code shares its band
+# value with 2 ** (-AUTO_EXTRA_BITS +- 0.5) other codes on average. More bits cost more tables
+# (about 1.17x per bit at radius 6), fewer bits cost quadratic bucket collisions.
+AUTO_EXTRA_BITS = 2
+# Band values are computed as uint32 in the array path and sorted as (value << 32 | index).
+MAX_SAMPLED_BITS = 32
+# ``auto`` keeps the exact pigeonhole scheme unless its estimated work exceeds this many times
+# that of the sampled tables.
+EXACT_WORK_FACTOR = 2
+# Cost of verifying one candidate pair, in units of the cost of one code's value in one band.
+# In memory (``candidate_pairs``, numpy 2.4 and faiss 1.15 on 2 vCPUs): about 50 ns per code
+# and band at 1M codes, 1.5 ns per pair in faiss-verified groups.
+# NOTE: the Beam figure is an estimate from one FnApiRunner run (Beam 2.77) of 20,000 codes:
+# about 18 us per (band value, code) element through the band step and GroupByKey. Other
+# runners may differ by several times, which moves the switch to sampled by as much.
+IN_MEMORY_PAIR_COST = 0.03
+BEAM_PAIR_COST = 1e-4
+
+
+def sampled_bits_for(count: int, radius: int) -> int:
+    """Return the bits per sampled table for ``count`` codes: ``round(log2 count) + AUTO_EXTRA_BITS``, clipped."""
+    check_radius(radius)
+    bits = round(math.log2(max(count, 2))) + AUTO_EXTRA_BITS
+    return max(1, min(bits, HASH_BITS - radius, MAX_SAMPLED_BITS))
+
+
+def estimated_work(scheme: BandScheme, count: int, pair_cost: float) -> float:
+    """Estimate the work of a scheme on ``count`` random codes, in units of one code's value in one band.
+
+    Each band computes one value per code and verifies the pairs that share a value: about
+    ``count ** 2 / 2 ** (width + 1)`` pairs for uniform random codes, each costing ``pair_cost``.
+    """
+    return sum(count + pair_cost * count * (count - 1) / 2 ** (len(band) + 1) for band in scheme.bands)
+
+
+def auto_scheme(radius: int, count: int, pair_cost: float, target_recall: float = 0.99) -> BandScheme:
+    """Pick pigeonhole for ``count`` codes unless its estimated work exceeds ``EXACT_WORK_FACTOR`` x sampled's."""
+    exact = pigeonhole_scheme(radius)
+    sampled = sampled_scheme(radius, sampled_bits_for(count, radius), target_recall)
+    if estimated_work(exact, count, pair_cost) <= EXACT_WORK_FACTOR * estimated_work(sampled, count, pair_cost):
+        return exact
+    return sampled
+
+
+def make_scheme(radius: int, candidates: str = "auto", count: int | None = None, bits: int | None = None,
+                pair_cost: float = BEAM_PAIR_COST, target_recall: float = 0.99) -> BandScheme:
+    """Build the candidate scheme named ``candidates`` for ``count`` codes.
+
+    ``auto`` and ``sampled`` without ``bits`` need ``count`` (the number of codes searched).
+    ``pair_cost`` weighs verification against band values for ``auto``: ``BEAM_PAIR_COST`` for
+    the Beam steps, ``IN_MEMORY_PAIR_COST`` for ``candidate_pairs``.
+    """
+    if candidates not in CANDIDATE_SCHEMES:
+        raise ValueError(f"unknown candidate scheme {candidates!r}; expected one of {', '.join(CANDIDATE_SCHEMES)}")
     if candidates == "pigeonhole":
         return pigeonhole_scheme(radius)
-    if candidates == "sampled":
+    if candidates == "sampled" and bits is not None:
         return sampled_scheme(radius, bits, target_recall)
-    raise ValueError(f"unknown candidate scheme {candidates!r}; expected 'pigeonhole' or 'sampled'")
+    if count is None:
+        raise ValueError(f"candidate scheme {candidates!r} needs the number of codes (or bits for 'sampled')")
+    if candidates == "sampled":
+        return sampled_scheme(radius, sampled_bits_for(count, radius), target_recall)
+    return auto_scheme(radius, count, pair_cost, target_recall)
 
 
 def check_radius(radius: int) -> None:
@@ -257,19 +326,27 @@ def candidate_pairs(
     codes = np.asarray(codes, dtype=np.uint64)
     for band in range(len(scheme.bands)) if bands is None else bands:
         values = scheme.band_values_array(codes, band)
-        width = len(scheme.bands[band])
-        if width <= 26:
-            # Counting first leaves only the codes that share their value: few for wide bands.
-            counts = np.bincount(values, minlength=1 << width)
-            candidates = np.flatnonzero(counts[values] > 1)
-            order = candidates[np.argsort(values[candidates], kind="stable")]
-        else:
-            order = np.argsort(values, kind="stable")
-        sorted_values = values[order]
+        order, sorted_values = _sort_by_value(values, len(scheme.bands[band]))
+        # Keep only the codes that share their value with a neighbor in sorted order.
+        same = sorted_values[1:] == sorted_values[:-1]
+        shared = np.zeros(len(order), dtype=bool)
+        shared[1:] |= same
+        shared[:-1] |= same
+        order, sorted_values = order[shared], sorted_values[shared]
         starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
         sizes = np.diff(np.r_[starts, len(order)])
-        big = sizes > 1
-        yield from _pairs_in_groups(codes, order, starts[big], sizes[big], scheme.radius)
+        yield from _pairs_in_groups(codes, order, starts, sizes, scheme.radius)
+
+
+def _sort_by_value(values: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return (indices, values) of ``values`` sorted by value, ties by index."""
+    if width <= 32 and len(values) < 1 << 32:
+        # Sorting one uint64 array of (value << 32 | index) is several times faster than a
+        # stable argsort (numpy 2.4 sorts 64-bit integers with SIMD).
+        keys = np.sort((values.astype(np.uint64) << np.uint64(32)) | np.arange(len(values), dtype=np.uint64))
+        return (keys & np.uint64(0xFFFF_FFFF)).astype(np.int64), keys >> np.uint64(32)
+    order = np.argsort(values, kind="stable")
+    return order, values[order]
 
 
 def _pairs_in_groups(codes, order, starts, sizes, radius) -> Iterator[tuple[np.ndarray, np.ndarray]]:

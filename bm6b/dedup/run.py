@@ -111,7 +111,8 @@ def run_dedup(input_folder: str, output: str, config: DedupConfig | None = None,
 
     stats = compute_stats(output, stages=stages)
     stats["elapsed_s"] = round(elapsed, 3)
-    stats["dedup"] = {"radius": config.radius, "candidates": config.candidates, "captions": config.captions,
+    stats["dedup"] = {"radius": config.radius, "candidates": config.candidates,
+                      "sampled_bits": config.sampled_bits, "captions": config.captions,
                       "eval_sets": list(config.eval_sets)}
     write_stats(output, stats)
     return stats

@@ -91,13 +91,28 @@ def _node_phash(node: str) -> int:
 
 
 class _BandKeys(beam.DoFn):
-    def __init__(self, scheme: ph.BandScheme):
-        self.scheme = scheme
+    """Emit ((band, band value), (node, code)) for every band of the scheme picked for ``count`` codes."""
 
-    def process(self, record: dict[str, Any]):
+    def __init__(self, radius: int, candidates: str, sampled_bits: int | None):
+        self.radius = radius
+        self.candidates = candidates
+        self.sampled_bits = sampled_bits
+        self._schemes: dict[int, ph.BandScheme] = {}
+
+    def scheme_for(self, count: int) -> ph.BandScheme:
+        scheme = self._schemes.get(count)
+        if scheme is None:
+            scheme = ph.make_scheme(self.radius, self.candidates, count=count, bits=self.sampled_bits)
+            self._schemes[count] = scheme
+            logger.info("near-duplicate images: %d pHash codes, %s scheme with %d bands of %d-%d bits",
+                        count, "pigeonhole" if scheme.exact else "sampled", len(scheme.bands),
+                        min(map(len, scheme.bands)), max(map(len, scheme.bands)))
+        return scheme
+
+    def process(self, record: dict[str, Any], count: int):
         node = _image_node(record)
         code = int(record["phash"])
-        for band, value in enumerate(self.scheme.band_values(code)):
+        for band, value in enumerate(self.scheme_for(count).band_values(code)):
             yield (band, value), (node, code)
 
 
@@ -139,21 +154,30 @@ class DedupNearImages(beam.PTransform):
     downstream, and ``ConnectedComponents`` joins the forests. Clusters are connected
     components, so a chain of close pairs joins samples whose own distance exceeds ``radius``.
     The reject detail therefore gives the distance to the kept sample, which may exceed it.
+
+    The band scheme depends on the number of hashed records (``ph.make_scheme``), which a
+    global count passes to the band step as a side input, so every worker builds the same
+    bands. ``candidates="pigeonhole"`` is exact at any size.
     """
 
-    def __init__(self, radius: int = DEFAULT_RADIUS, candidates: str = "pigeonhole", sampled_bits: int = 24,
+    def __init__(self, radius: int = DEFAULT_RADIUS, candidates: str = "auto", sampled_bits: int | None = None,
                  rounds: int = DEFAULT_ROUNDS):
         super().__init__()
-        self.scheme = ph.make_scheme(radius, candidates, sampled_bits)
+        # Check the scheme name and bits now, so a bad value fails while the pipeline is built.
+        ph.make_scheme(radius, candidates, count=1, bits=sampled_bits)
+        self.candidates = candidates
+        self.sampled_bits = sampled_bits
         self.radius = radius
         self.rounds = rounds
 
     def expand(self, records):
         with_hash = records | "HasPhash" >> beam.Partition(lambda r, _: 0 if r.get("phash") is not None else 1, 2)
         radius = self.radius
+        count = with_hash[0] | "CountHashed" >> beam.combiners.Count.Globally()
+        band_keys = _BandKeys(radius, self.candidates, self.sampled_bits)
         edges = (
             with_hash[0]
-            | "BandKeys" >> beam.ParDo(_BandKeys(self.scheme))
+            | "BandKeys" >> beam.ParDo(band_keys, count=beam.pvalue.AsSingleton(count))
             | "GroupBands" >> beam.GroupByKey()
             | "VerifyGroups" >> beam.FlatMap(_group_edges, radius=radius)
         )
