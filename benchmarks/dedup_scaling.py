@@ -8,7 +8,7 @@ and per-group verification the Beam steps use, driven by numpy in one process) a
 it runs on a random subset of queries and its full time is extrapolated linearly in the query
 count (each query scans all N codes). Recall is measured on the pairs of that subset.
 
-    python benchmarks/dedup_scaling.py --sizes 1000000 10000000 --radius 6 --bits 22 --repeats 3 1
+    python benchmarks/dedup_scaling.py --sizes 1000000 10000000 --radius 6 --repeats 3 1 --queries 5000
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import faiss
 import numpy as np
 
 from bm6b.dedup import phash as ph
+from bm6b.dedup.config import DEFAULT_RADIUS
 
 logger = logging.getLogger("dedup_scaling")
 
@@ -51,9 +52,22 @@ _WORKER_STATE: dict = {}
 
 
 def _band_worker(bands: list[int]) -> np.ndarray:
+    # One faiss thread per worker process, so that the workers together use the cores given.
+    faiss.omp_set_num_threads(1)
     codes, scheme = _WORKER_STATE["codes"], _WORKER_STATE["scheme"]
-    keys = [pair_keys(rows, cols) for rows, cols in ph.candidate_pairs(codes, scheme, bands)]
-    return np.unique(np.concatenate(keys)) if keys else np.empty(0, dtype=np.uint64)
+    found = np.empty(0, dtype=np.uint64)
+    pending = []
+    pending_size = 0
+    for rows, cols in ph.candidate_pairs(codes, scheme, bands):
+        pending.append(pair_keys(rows, cols))
+        pending_size += len(pending[-1])
+        # Most pairs recur in many tables. Merging once the pending pairs outnumber the distinct
+        # ones keeps a worker near two copies of its distinct pairs instead of one per table.
+        if pending_size >= max(len(found), 1 << 20):
+            found = np.unique(np.concatenate([found, *pending]))
+            pending = []
+            pending_size = 0
+    return np.unique(np.concatenate([found, *pending]))
 
 
 def cpu_seconds() -> float:
@@ -95,10 +109,10 @@ def pair_keys(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     return np.unique((low << np.uint64(32)) | high)
 
 
-def measure(n: int, radius: int, candidates: str, bits: int, queries: int, repeats: int, seed: int,
+def measure(n: int, radius: int, candidates: str, bits: int | None, queries: int, repeats: int, seed: int,
             workers: int) -> dict:
     codes = planted_codes(n, radius, clustered_fraction=0.2, seed=seed)
-    scheme = ph.make_scheme(radius, candidates, bits)
+    scheme = ph.make_scheme(radius, candidates, count=n, bits=bits, pair_cost=ph.IN_MEMORY_PAIR_COST)
     banded_times, pair_times, banded_cpu = [], [], []
     for _ in range(repeats):
         rows, cols, labels, pair_time, total_time, cpu_time = run_banded(codes, scheme, workers)
@@ -132,6 +146,7 @@ def measure(n: int, radius: int, candidates: str, bits: int, queries: int, repea
         "n": n,
         "radius": radius,
         "candidates": candidates,
+        "scheme": "pigeonhole" if scheme.exact else "sampled",
         "tables": len(scheme.bands),
         "bits_per_table": sorted({len(b) for b in scheme.bands}),
         "workers": workers,
@@ -153,15 +168,19 @@ def measure(n: int, radius: int, candidates: str, bits: int, queries: int, repea
         "max_distance_reported": int(distances.max()) if len(distances) else None,
         "clustered_nodes": int((labels != np.arange(n)).sum()),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        # Largest finished worker so far (sizes run in the order given), counting the codes it
+        # shares with the parent through fork.
+        "peak_rss_worker_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
-    parser.add_argument("--radius", type=int, default=8)
-    parser.add_argument("--candidates", nargs="+", default=["sampled"], choices=["pigeonhole", "sampled"])
-    parser.add_argument("--bits", type=int, default=22, help="bits per table of the sampled scheme")
+    parser.add_argument("--radius", type=int, default=DEFAULT_RADIUS)
+    parser.add_argument("--candidates", nargs="+", default=["auto"], choices=list(ph.CANDIDATE_SCHEMES))
+    parser.add_argument("--bits", type=int, default=None,
+                        help="bits per table of the sampled scheme (default: round(log2 N) + 2, see sampled_bits_for)")
     parser.add_argument("--queries", type=int, default=20_000, help="brute-force query subset size")
     parser.add_argument("--repeats", type=int, nargs="+", default=[3],
                         help="runs per size (one value, or one per size); the median is reported")
