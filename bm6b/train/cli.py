@@ -29,6 +29,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute encoder activations in backward to save memory")
     parser.add_argument("--workers", type=int, default=2, help="data-loader worker processes per rank (default: 2)")
     parser.add_argument("--text-policy", choices=("random", "zh", "en", "both"), default="random", help="which captions become text views: one random caption, only zh, only en, or both as separate pairs (default: random)")
+    parser.add_argument("--no-mask-duplicates", action="store_true", help="treat pairs of a step that share an image (same sha256, e.g. its other captions) as negatives, as plain CLIP does; by default they are left out of each other's softmax")
     parser.add_argument("--crop-scale-min", type=float, default=0.9, help="smallest image area fraction of the training random-resized crop (default: 0.9, open_clip's)")
     parser.add_argument("--shuffle-buffer", type=int, default=1000, help="samples in each worker's shuffle buffer (default: 1000)")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights, data order and augmentation (default: 0)")
@@ -69,6 +70,7 @@ def config_from_args(args: argparse.Namespace):
         grad_checkpointing=args.grad_checkpointing,
         workers=args.workers,
         text_policy=args.text_policy,
+        mask_duplicates=not args.no_mask_duplicates,
         crop_scale_min=args.crop_scale_min,
         shuffle_buffer=args.shuffle_buffer,
         seed=args.seed,

@@ -16,6 +16,7 @@ Augmentation is seeded per view from the same numbers, so resumed batches are id
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import logging
@@ -104,6 +105,29 @@ def text_views(sample: dict, policy: str, rng: random.Random) -> list[tuple[str,
     raise ValueError(f"unknown text policy {policy!r}; choose one of {TEXT_POLICIES}")
 
 
+def image_id(sample: dict) -> int:
+    """Return a 60-bit int64 id of the sample's image: its record's sha256, else its key.
+
+    Curate writes one sample per (image, caption) row, so a photo with several captions appears
+    under several keys with one sha256. The loss uses these ids to avoid treating such samples
+    as negatives of each other.
+    """
+    digest = None
+    if sample.get("json"):
+        try:
+            record = json.loads(sample["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("sha256"), str):
+            digest = record["sha256"]
+    if digest is None or len(digest) < 15:
+        digest = hashlib.sha256(sample["__key__"].encode("utf-8")).hexdigest()
+    try:
+        return int(digest[:15], 16)
+    except ValueError:
+        return int(hashlib.sha256(digest.encode("utf-8")).hexdigest()[:15], 16)
+
+
 def _mix(*numbers: int) -> int:
     """Combine integers into one seed (stable across processes, unlike ``hash`` of a tuple of str)."""
     value = 0x9E3779B97F4A7C15
@@ -119,7 +143,7 @@ class SlotPosition:
 
 
 class ShardBatches(IterableDataset):
-    """An endless stream of batches (dicts with ``images``, ``texts``, ``langs`` and position fields).
+    """An endless stream of batches (dicts with ``images``, ``texts``, ``langs``, ``image_ids`` and position fields).
 
     ``positions`` maps a worker id to the ``SlotPosition`` to resume from. Batches never span
     epochs; the last partial batch of an epoch is dropped.
@@ -208,7 +232,7 @@ class ShardBatches(IterableDataset):
         while True:
             consumed = 0
             produced = 0
-            images, texts, langs, keys = [], [], [], []
+            images, texts, langs, keys, ids = [], [], [], [], []
             for sample, lang, caption in self._epoch_views(epoch, slot, slots):
                 consumed += 1
                 if consumed <= skip:
@@ -224,6 +248,7 @@ class ShardBatches(IterableDataset):
                 texts.append(caption)
                 langs.append(lang)
                 keys.append(sample["__key__"])
+                ids.append(image_id(sample))
                 if len(images) == self.batch_size:
                     produced += 1
                     yield {
@@ -231,11 +256,12 @@ class ShardBatches(IterableDataset):
                         "texts": self.tokenizer(texts),
                         "langs": langs,
                         "keys": keys,
+                        "image_ids": torch.tensor(ids, dtype=torch.int64),
                         "worker": worker,
                         "epoch": epoch,
                         "consumed": consumed,
                     }
-                    images, texts, langs, keys = [], [], [], []
+                    images, texts, langs, keys, ids = [], [], [], [], []
             if produced == 0 and skip == 0:
                 raise RuntimeError(
                     f"rank {self.rank} worker {worker} got no full batch of {self.batch_size} from "

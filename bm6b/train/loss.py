@@ -66,15 +66,53 @@ def gather_with_grad(tensor: torch.Tensor, group=None, group_size: int | None = 
     return _GatherWithGrad.apply(tensor, group, group_size)
 
 
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Return the symmetric InfoNCE (CLIP) loss of N aligned pairs in one process: row i matches column i."""
+def gather_ids(ids: torch.Tensor, group=None, group_size: int = 1) -> torch.Tensor:
+    """Concatenate the int64 image ids of every rank of ``group`` in rank order (no gradient)."""
+    if group_size == 1:
+        return ids
+    output = ids.new_empty((group_size * ids.shape[0],))
+    dist.all_gather_into_tensor(output, ids.contiguous(), group=group)
+    return output
+
+
+def mask_duplicates(logits: torch.Tensor, row_ids: torch.Tensor, column_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Set to -inf the logits whose column has the row's image id but is not the row's own pair.
+
+    Two pairs that share an image (the same photo with another caption, or its other language)
+    are not negatives of each other. Masking drops them from the softmax denominator, so each
+    row's target stays its own pair and the loss neither pulls nor pushes the duplicate.
+    """
+    duplicate = row_ids[:, None] == column_ids[None, :]
+    duplicate[torch.arange(logits.shape[0], device=logits.device), labels] = False
+    return logits.masked_fill(duplicate, float("-inf"))
+
+
+def clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    sample_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Return the symmetric InfoNCE (CLIP) loss of N aligned pairs in one process: row i matches column i.
+
+    With ``sample_ids`` (one int64 image id per pair), pairs that share an id are not negatives
+    of each other (see ``mask_duplicates``).
+    """
     logits = logit_scale * image_features @ text_features.T
     labels = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    logits_per_text = logits.T
+    if sample_ids is not None:
+        logits = mask_duplicates(logits, sample_ids, sample_ids, labels)
+        logits_per_text = mask_duplicates(logits_per_text, sample_ids, sample_ids, labels)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits_per_text, labels))
 
 
 def grouped_clip_loss_reference(
-    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, num_groups: int
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    num_groups: int,
+    sample_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Return the mean over ``num_groups`` equal consecutive blocks of the CLIP loss of each block.
 
@@ -83,9 +121,10 @@ def grouped_clip_loss_reference(
     """
     if image_features.shape[0] % num_groups:
         raise ValueError(f"{image_features.shape[0]} rows do not split into {num_groups} equal groups")
+    id_chunks = sample_ids.chunk(num_groups) if sample_ids is not None else [None] * num_groups
     losses = [
-        clip_loss(img, txt, logit_scale)
-        for img, txt in zip(image_features.chunk(num_groups), text_features.chunk(num_groups))
+        clip_loss(img, txt, logit_scale, ids)
+        for img, txt, ids in zip(image_features.chunk(num_groups), text_features.chunk(num_groups), id_chunks)
     ]
     return torch.stack(losses).mean()
 
@@ -134,7 +173,8 @@ class GroupedClipLoss(nn.Module):
     with accumulation), L2-normalized, and returns this rank's loss: the mean over its rows of the
     image-to-text and text-to-image cross-entropies against the k*n columns of its group. Averaging
     the returned value over all W ranks (which DDP does to the parameter gradients) gives the mean
-    over groups of the CLIP loss on each group's k*n samples.
+    over groups of the CLIP loss on each group's k*n samples. The optional ``sample_ids`` (int64,
+    one image id per row) mask pairs of the group that share this row's image (``mask_duplicates``).
     """
 
     def __init__(self, itc_group: ItcGroup | None = None):
@@ -142,12 +182,20 @@ class GroupedClipLoss(nn.Module):
         self.itc_group = itc_group or ItcGroup(group=None, group_rank=0, group_size=1, world_size=1)
 
     def forward(
-        self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        sample_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if image_features.shape != text_features.shape:
             raise ValueError(
                 f"image features {tuple(image_features.shape)} and text features "
                 f"{tuple(text_features.shape)} must have the same shape"
+            )
+        if sample_ids is not None and sample_ids.shape != image_features.shape[:1]:
+            raise ValueError(
+                f"sample ids {tuple(sample_ids.shape)} must have one entry per feature row ({image_features.shape[0]})"
             )
         group = self.itc_group
         rows = image_features.shape[0]
@@ -156,4 +204,8 @@ class GroupedClipLoss(nn.Module):
         logits_per_image = logit_scale * image_features @ all_text.T
         logits_per_text = logit_scale * text_features @ all_image.T
         labels = torch.arange(rows, device=image_features.device) + group.group_rank * rows
+        if sample_ids is not None:
+            all_ids = gather_ids(sample_ids, group.group, group.group_size)
+            logits_per_image = mask_duplicates(logits_per_image, sample_ids, all_ids, labels)
+            logits_per_text = mask_duplicates(logits_per_text, sample_ids, all_ids, labels)
         return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))

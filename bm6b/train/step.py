@@ -58,33 +58,45 @@ def _set_rng_states(states: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(states[1], device)
 
 
+def _loss(loss_fn, image_features, text_features, logit_scale, ids):
+    # Loss modules without duplicate masking (benchmark wrappers, open_clip's losses) take three arguments.
+    if ids is None:
+        return loss_fn(image_features, text_features, logit_scale)
+    return loss_fn(image_features, text_features, logit_scale, sample_ids=ids)
+
+
 def contrastive_step(
     model: nn.Module,
     micro_batches: Sequence[MicroBatch],
     loss_fn: GroupedClipLoss,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    sample_ids: Sequence[torch.Tensor] | None = None,
 ) -> StepResult:
     """Run forward and backward for one optimizer step, accumulating gradients in ``.grad``.
 
     ``autocast`` returns the mixed-precision context for the encoders. The loss always runs in
-    float32 or higher (features are cast up).
+    float32 or higher (features are cast up). ``sample_ids``, one int64 tensor of image ids per
+    micro-batch, lets the loss mask pairs that share an image.
     """
     if not micro_batches:
         raise ValueError("contrastive_step needs at least one micro-batch")
+    if sample_ids is not None and len(sample_ids) != len(micro_batches):
+        raise ValueError(f"got {len(sample_ids)} sample id tensors for {len(micro_batches)} micro-batches")
+    ids = torch.cat(list(sample_ids)) if sample_ids is not None else None
 
     if len(micro_batches) == 1:
         images, texts = micro_batches[0]
         with autocast():
             image_features, text_features, logit_scale = _encode(model, images, texts)
         dtype = torch.promote_types(image_features.dtype, torch.float32)
-        loss = loss_fn(image_features.to(dtype), text_features.to(dtype), logit_scale.to(dtype))
+        loss = _loss(loss_fn, image_features.to(dtype), text_features.to(dtype), logit_scale.to(dtype), ids)
         loss.backward()
         return StepResult(loss=loss.detach(), logit_scale=logit_scale.detach())
 
-    return _grad_cache_step(model, micro_batches, loss_fn, autocast)
+    return _grad_cache_step(model, micro_batches, loss_fn, autocast, ids)
 
 
-def _grad_cache_step(model, micro_batches, loss_fn, autocast) -> StepResult:
+def _grad_cache_step(model, micro_batches, loss_fn, autocast, ids) -> StepResult:
     device = micro_batches[0][0].device
 
     # 1. Encode without gradient, remembering the RNG state so the re-encode draws the same dropout masks.
@@ -103,7 +115,7 @@ def _grad_cache_step(model, micro_batches, loss_fn, autocast) -> StepResult:
     image_leaf = torch.cat(image_cache).to(dtype).requires_grad_()
     text_leaf = torch.cat(text_cache).to(dtype).requires_grad_()
     scale_leaf = logit_scale.detach().to(dtype).requires_grad_()
-    loss = loss_fn(image_leaf, text_leaf, scale_leaf)
+    loss = _loss(loss_fn, image_leaf, text_leaf, scale_leaf, ids)
     loss.backward()
     sizes = [len(images) for images, _ in micro_batches]
     image_grads = image_leaf.grad.split(sizes)

@@ -58,6 +58,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     workers: int = 2
     text_policy: str = "random"
+    mask_duplicates: bool = True  # pairs of one step that share an image are not negatives of each other
     crop_scale_min: float = 0.9  # smallest area fraction of the training random-resized crop
     shuffle_buffer: int = 1000
     seed: int = 0
@@ -328,16 +329,18 @@ def train(config: TrainConfig) -> dict:
     last_record: dict = {}
     window_start, window_samples = time.perf_counter(), 0
     for step in range(start_step, config.steps):
-        micro_batches = []
+        micro_batches, image_ids = [], []
         for _ in range(config.accum):
             batch = next(batches)
             tracker.update(batch)
             images = batch["images"].to(info.device, non_blocking=True)
             texts = batch["texts"].to(info.device, non_blocking=True)
             micro_batches.append((images, texts))
+            image_ids.append(batch["image_ids"].to(info.device, non_blocking=True))
 
         optimizer.zero_grad(set_to_none=True)
-        result = contrastive_step(train_model, micro_batches, loss_fn, autocast)
+        sample_ids = image_ids if config.mask_duplicates else None
+        result = contrastive_step(train_model, micro_batches, loss_fn, autocast, sample_ids)
         grad_norm = (
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             if config.grad_clip > 0
