@@ -3,8 +3,8 @@
 Usage: python benchmarks/text_throughput.py [--raw ../shared/data/raw] [--pairs 20000] [--repeats 3]
 
 Input: Flickr8k-CN pairs (English caption ``enc#N`` with its Baidu translation ``zhb#N``), the
-first ``--pairs`` of them. Three loops run in the same process, one after the other, each
-``--repeats`` times, and the median is reported:
+first ``--pairs`` of them. Three loops run in the same process, taking turns, each ``--repeats``
+times, and the median is reported:
 
 * ``fasttext``: ``model.predict(text, k=1)`` on both captions of each pair, nothing else (the
   ceiling for anything that runs language ID);
@@ -70,13 +70,18 @@ def run_bm6b(pairs, model, config, checker, batch: int = 256) -> None:
             captions.check_translation(record, checker)
 
 
-def time_loop(function, repeats: int) -> list[float]:
-    """CPU seconds of this process per run: on a shared machine, wall time also counts other jobs."""
-    seconds = []
+def time_loops(loops: dict, repeats: int) -> dict[str, list[float]]:
+    """Return the CPU seconds of this process per run of each loop.
+
+    On a shared machine, wall time also counts other jobs. The loops take turns, so a change in
+    the machine's load during the benchmark affects each of them alike.
+    """
+    seconds: dict[str, list[float]] = {name: [] for name in loops}
     for _ in range(repeats):
-        started = time.process_time()
-        function()
-        seconds.append(time.process_time() - started)
+        for name, function in loops.items():
+            started = time.process_time()
+            function()
+            seconds[name].append(time.process_time() - started)
     return seconds
 
 
@@ -105,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         "bm6b": lambda: run_bm6b(pairs, model, config, checker, args.batch),
         "bm6b_no_translate": lambda: run_bm6b(pairs, model, config, None, args.batch),
     }
-    medians = {name: statistics.median(time_loop(loop, args.repeats)) for name, loop in loops.items()}
+    medians = {name: statistics.median(runs) for name, runs in time_loops(loops, args.repeats).items()}
 
     print(f"machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}, 1 thread")
     print(f"pairs: {len(pairs)} Flickr8k-CN enc/zhb, median of {args.repeats} runs, batches of {args.batch}; "

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from bm6b.filters.captions import assign_languages, detect_language, normalize_caption, normalize_record
+import copy
+
+from bm6b.filters.captions import (
+    assign_languages,
+    assign_languages_batch,
+    detect_language,
+    normalize_caption,
+    normalize_record,
+)
+from text_data import flickr8k_captions, laion_texts
 
 
 def test_normalize_caption_rules():
@@ -45,3 +54,19 @@ def test_explicit_slots_keep_their_caption_and_record_lid():
     assert failure is None
     assert (record["lid_zh"], record["lid_en"]) == ("zh", "en")
     assert record["lid_en_score"] > 0.5
+
+
+def test_batch_same_as_single_records():
+    english = flickr8k_captions("enc")
+    chinese = flickr8k_captions("zhc")
+    keys = list(english)[:300]
+    records = [{"caption_zh": chinese.get(key), "caption_en": english[key], "captions": []} for key in keys]
+    records += [{"caption_zh": None, "caption_en": None, "captions": [text]} for text in laion_texts()[:300]]
+    normalized = [record for record, failure in map(normalize_record, records) if failure is None]
+
+    single = [assign_languages(copy.deepcopy(record)) for record in normalized]
+    batched = assign_languages_batch(copy.deepcopy(normalized))
+    assert len(batched) == len(single)
+    for single_result, batch_result in zip(single, batched):
+        assert batch_result == single_result
+    assert sum(failure is not None for _, failure in single) > 0

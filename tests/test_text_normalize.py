@@ -133,3 +133,12 @@ def test_coco_stray_spaces_collapsed():
     assert padded
     for caption in padded:
         assert normalize_caption(caption) == " ".join(caption.split())
+
+
+def test_text_changed_only_by_nfkc():
+    # No entity, tag, control character or whitespace: only NFKC applies.
+    assert normalize_caption("一个女孩，在海边。") == "一个女孩，在海边。"
+    assert normalize_caption("Ａ１，狗") == "A1,狗"  # the comma follows a digit, not Han
+    assert normalize_caption("ﬁne，狗") == "fine,狗"
+    # NFKC turns U+00A8 (diaeresis) into a space and U+0308, so the whitespace step still runs.
+    assert normalize_caption("狗\u00a8") == "狗 \u0308"

@@ -109,7 +109,7 @@ def _prepare_candidates(record: dict[str, Any], config: CaptionConfig) -> list[t
     """Empty the slots of ``record`` and return its captions as (column slot, text, stripped text, issue).
 
     The stripped text is None when junk detection or boilerplate removal already dropped the caption,
-    and the issue then says why.
+    and the issue then contains the reason.
     """
     candidates: list[tuple[str | None, str]] = []
     for slot, (caption_key, label_key, score_key, _) in _SLOT_KEYS.items():

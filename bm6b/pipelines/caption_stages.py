@@ -111,7 +111,8 @@ class LanguageId(beam.PTransform):
         self.config = config
 
     def expand(self, records):
-        # fastText runs about twice as fast on a batch as between the Python rules of each record.
+        # A fastText call costs about half as much when the calls of a batch run back to back, away
+        # from the Python rules (measured on the 2-vCPU development VM).
         batches = records | "Batch" >> beam.BatchElements(min_batch_size=LID_BATCH_SIZE, max_batch_size=LID_BATCH_SIZE)
         return split_rejects(batches, "Detect", _LanguageId(self.config))
 
