@@ -6,7 +6,9 @@ generation + verification + connected components (``bm6b.dedup.phash``: the same
 and per-group verification the Beam steps use, driven by numpy in one process) and faiss
 ``IndexBinaryFlat`` range search. Brute force over all N queries would take hours at 10M, so
 it runs on a random subset of queries and its full time is extrapolated linearly in the query
-count (each query scans all N codes). Recall is measured on the pairs of that subset.
+count (each query scans all N codes). Recall is measured on the pairs of that subset. With
+``--beam-sizes`` it instead times the ``DedupNearImages`` Beam step on random codes, which
+gives the per-element cost behind ``phash.BEAM_PAIR_COST``.
 
     python benchmarks/dedup_scaling.py --sizes 1000000 10000000 --radius 6 --repeats 3 1 --queries 5000
 """
@@ -174,6 +176,39 @@ def measure(n: int, radius: int, candidates: str, bits: int | None, queries: int
     }
 
 
+def measure_beam(n: int, radius: int, candidates: str, seed: int) -> dict:
+    """Time ``DedupNearImages`` on ``n`` uniform random codes on the in-process FnApiRunner."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from bm6b.dedup import DedupNearImages
+    from bm6b.schemas import new_record
+
+    codes = np.random.default_rng(seed).integers(0, np.iinfo(np.uint64).max, size=n, dtype=np.uint64, endpoint=True)
+    records = []
+    for index, code in enumerate(codes.tolist()):
+        record = new_record(key=f"{index:016x}", uid=f"{index:032x}", url=f"http://127.0.0.1/{index}.jpg",
+                            source="random", source_row=index, caption_en="a")
+        record["phash"] = code
+        records.append(record)
+    started = time.perf_counter()
+    # The FnApiRunner runs the pipeline in this process, so RUSAGE_SELF covers its work.
+    cpu_started = cpu_seconds()
+    with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as pipeline:
+        out = pipeline | beam.Create(records, reshuffle=False) | DedupNearImages(radius=radius, candidates=candidates)
+        _ = out.records | beam.combiners.Count.Globally()
+    scheme = ph.make_scheme(radius, candidates, count=n)
+    return {
+        "beam_n": n,
+        "radius": radius,
+        "candidates": candidates,
+        "scheme": "pigeonhole" if scheme.exact else "sampled",
+        "tables": len(scheme.bands),
+        "beam_s": round(time.perf_counter() - started, 2),
+        "beam_cpu_s": round(cpu_seconds() - cpu_started, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
@@ -187,12 +222,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=faiss.omp_get_max_threads(),
                         help="processes for the banded search (default: faiss's thread count, for equal cores)")
+    parser.add_argument("--beam-sizes", type=int, nargs="+", default=[],
+                        help="instead, time the DedupNearImages Beam step on this many random codes")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logger.info("faiss threads: %d", faiss.omp_get_max_threads())
 
     results = []
+    if args.beam_sizes:
+        for candidates in args.candidates:
+            for n in args.beam_sizes:
+                result = measure_beam(n, args.radius, candidates, args.seed)
+                logger.info("%s", json.dumps(result))
+                results.append(result)
+        args.sizes = []
     repeats = args.repeats * len(args.sizes) if len(args.repeats) == 1 else args.repeats
     for candidates in args.candidates:
         for n, size_repeats in zip(args.sizes, repeats):

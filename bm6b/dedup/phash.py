@@ -147,9 +147,9 @@ EXACT_WORK_FACTOR = 2
 # Cost of verifying one candidate pair, in units of the cost of one code's value in one band.
 # In memory (``candidate_pairs``, numpy 2.4 and faiss 1.15 on 2 vCPUs): about 50 ns per code
 # and band at 1M codes, 1.5 ns per pair in faiss-verified groups.
-# NOTE: the Beam figure is an estimate from one FnApiRunner run (Beam 2.77) of 20,000 codes:
-# about 18 us per (band value, code) element through the band step and GroupByKey. Other
-# runners may differ by several times, which moves the switch to sampled by as much.
+# NOTE: the Beam figure is an estimate from FnApiRunner runs (Beam 2.77) of 20,000 and 50,000
+# codes: 16-18 us per (band value, code) element through the band step and GroupByKey.
+# Other runners may differ by several times, which moves the switch to sampled by as much.
 IN_MEMORY_PAIR_COST = 0.03
 BEAM_PAIR_COST = 1e-4
 
