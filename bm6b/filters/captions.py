@@ -95,6 +95,8 @@ def assign_languages_batch(records: list[dict[str, Any]], model=None,
     model = model or load_lid_model()
 
     prepared = [_prepare_candidates(record, config) for record in records]
+    # NOTE: one call per caption, because fasttext-predict 0.9.2.4 has no list call that returns
+    # probabilities. Its native multilinePredict returns labels only, and model.predict(list) raises.
     labels = [
         [predict_labels(stripped, model) if issue is None else None for _, _, stripped, issue in candidates]
         for candidates in prepared

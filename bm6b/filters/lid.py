@@ -140,10 +140,16 @@ def identify_from_labels(text: str, probs: dict[str, float], config: CaptionConf
     en_score = probs.get("en", 0.0) if latin_share > 0.0 else 0.0
 
     # Merge the Chinese labels into one entry, then rank.
-    merged = {label: p for label, p in probs.items() if label not in zh_labels}
+    if probs.keys().isdisjoint(zh_labels):
+        merged = probs
+    else:
+        merged = {label: p for label, p in probs.items() if label not in zh_labels}
     if zh_score > 0.0:
         merged[zh_label] = zh_score
-    ranked = sorted(merged.items(), key=operator.itemgetter(1), reverse=True)
+    if len(merged) > 1:
+        ranked = sorted(merged.items(), key=operator.itemgetter(1), reverse=True)
+    else:
+        ranked = list(merged.items())
     label, score = ranked[0] if ranked else ("unknown", 0.0)
 
     slot = None
@@ -166,9 +172,11 @@ def identify_from_labels(text: str, probs: dict[str, float], config: CaptionConf
 
 
 def _min_confidence(config: CaptionConfig, label: str, slot: str) -> float:
-    if label in config.min_lid_confidence:
-        return config.min_lid_confidence[label]
-    return config.min_confidence(slot)
+    # The same as config.min_confidence(slot) when the label has no minimum of its own.
+    minimums = config.min_lid_confidence
+    if label in minimums:
+        return minimums[label]
+    return minimums.get(slot, config.default_min_lid_confidence)
 
 
 @functools.lru_cache(maxsize=1)
