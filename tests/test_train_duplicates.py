@@ -21,7 +21,7 @@ from bm6b.train.tokenizer import load_tokenizer
 
 WORLD = 2
 ROWS = 4  # pairs per rank
-# Image ids of the 2 x 4 rows: rank 0 holds rows 0-3, rank 1 rows 4-7. Id 7 occurs on both
+# Image ids of the 2 x 4 rows: rank 0 computes rows 0-3 and rank 1 rows 4-7. Id 7 occurs on both
 # ranks and id 3 twice on rank 0, so the mask acts inside a rank and across the gather.
 IDS = torch.tensor([7, 3, 5, 3, 7, 11, 12, 13])
 
