@@ -11,7 +11,7 @@ Steps:
 3. Train a small model (``--model``, default ``bm6b-tiny``) with the grouped ITC loss in one
    process, then run zero-shot retrieval on the test shards for the trained and the untrained model.
 
-Run: ``python benchmarks/train_flickr8k.py --work /tmp/flickr-run --model bm6b-small-resnet --steps 600
+Run: ``python benchmarks/train_flickr8k.py --work /tmp/flickr-run --model bm6b-small-resnet --steps 800
 --threads 1``. Curated shards in WORK are reused, so later runs with another ``--run`` name only
 train and evaluate. Writes ``WORK/RUN/results.json``.
 """
