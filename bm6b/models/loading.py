@@ -22,6 +22,7 @@ trained with a bm6b tokenizer load under their base config name.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -30,7 +31,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from bm6b.models import register_model_configs
+from bm6b.models import register_model_configs, weights_loaded_later
 
 logger = logging.getLogger(__name__)
 
@@ -285,7 +286,8 @@ def _create_model(source: ClipSource, device: str):
     if source.pretrained_tag:
         # NOTE: bm6b's tests resolve tags but never load one, because that needs the hub or a filled cache.
         return open_clip.create_model(source.model_name, pretrained=source.pretrained_tag)
-    with torch.random.fork_rng(devices=[]):
+    quiet = weights_loaded_later() if source.weights else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=[]), quiet:
         torch.manual_seed(RANDOM_INIT_SEED)
         return open_clip.create_model(source.model_name, load_weights=False, **overrides)
 

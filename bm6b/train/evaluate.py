@@ -46,7 +46,7 @@ def load_for_eval(checkpoint: str | None, model_name: str, tokenizer_spec: str, 
         tokenizer = BilingualTokenizer(tokenizer_path, config["context_length"])
     else:
         tokenizer = load_tokenizer("simple", config["context_length"])
-    model, _, preprocess = build_model(config["model"], tokenizer, device)
+    model, _, preprocess = build_model(config["model"], tokenizer, device, weights_follow=True)
     model.load_state_dict(state["model"])
     return model.eval(), preprocess, tokenizer
 

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
-from bm6b.models import register_model_configs
+from bm6b.models import register_model_configs, weights_loaded_later
 
 
-def build_model(model_name: str, tokenizer, device: torch.device | str = "cpu", crop_scale_min: float = 0.9):
+def build_model(
+    model_name: str,
+    tokenizer,
+    device: torch.device | str = "cpu",
+    crop_scale_min: float = 0.9,
+    weights_follow: bool = False,
+):
     """Create a randomly initialized open_clip model; return (model, train transform, eval transform).
 
     The text tower's vocabulary and context length follow the tokenizer. No pretrained weights
@@ -24,14 +32,17 @@ def build_model(model_name: str, tokenizer, device: torch.device | str = "cpu", 
     text_cfg = dict(config["text_cfg"])
     text_cfg["vocab_size"] = tokenizer.vocab_size
     text_cfg["context_length"] = tokenizer.context_length
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        model_name,
-        pretrained=None,
-        device=device,
-        output_dict=True,
-        text_cfg=text_cfg,
-        aug_cfg={"scale": (crop_scale_min, 1.0)},
-    )
+    # weights_follow: the caller loads a checkpoint next, so open_clip's random-init warning is wrong.
+    quiet = weights_loaded_later() if weights_follow else contextlib.nullcontext()
+    with quiet:
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            model_name,
+            pretrained=None,
+            device=device,
+            output_dict=True,
+            text_cfg=text_cfg,
+            aug_cfg={"scale": (crop_scale_min, 1.0)},
+        )
     return model, preprocess_train, preprocess_val
 
 
