@@ -87,19 +87,20 @@ def tls_server(tmp_path):
     httpd.server_close()
 
 
-def make_fetcher(host_map: dict[str, str]) -> Fetcher:
+def fetch_once(host_map: dict[str, str], url: str):
+    """Fetch ``url`` with a fresh fetcher whose test resolver maps host names to addresses."""
     config = FetchConfig(allow_networks=("127.0.0.0/8",), retries=0, deadline=10.0)
-    return Fetcher(config, resolver=lambda host, port: [host_map[host]])
+    fetcher = Fetcher(config, resolver=lambda host, port: [host_map[host]])
+    try:
+        return fetcher.fetch(url)
+    finally:
+        fetcher.close()
 
 
 def test_https_fetch_sends_sni_and_verifies(tls_server, monkeypatch):
     monkeypatch.setenv("SSL_CERT_FILE", str(tls_server.cert_path))
     port = tls_server.server_address[1]
-    fetcher = make_fetcher({HOST: "127.0.0.1"})
-    try:
-        result = fetcher.fetch(f"https://{HOST}:{port}/cat.jpg")
-    finally:
-        fetcher.close()
+    result = fetch_once({HOST: "127.0.0.1"}, f"https://{HOST}:{port}/cat.jpg")
     assert result.reason is None, result.detail
     assert result.body == BODY
     assert result.image_format == "JPEG"
@@ -111,11 +112,7 @@ def test_https_certificate_for_other_host_is_rejected(tls_server, monkeypatch):
     # The pinned address serves a valid certificate, but for images.test, not for this host name.
     monkeypatch.setenv("SSL_CERT_FILE", str(tls_server.cert_path))
     port = tls_server.server_address[1]
-    fetcher = make_fetcher({"other.test": "127.0.0.1"})
-    try:
-        result = fetcher.fetch(f"https://other.test:{port}/cat.jpg")
-    finally:
-        fetcher.close()
+    result = fetch_once({"other.test": "127.0.0.1"}, f"https://other.test:{port}/cat.jpg")
     assert result.reason == "connect"
     assert "CERTIFICATE_VERIFY_FAILED" in result.detail
     assert "other.test" in result.detail
@@ -129,11 +126,7 @@ def test_https_untrusted_certificate_is_rejected(tls_server, tmp_path, monkeypat
     other_cert, _ = write_certificate(trusted_folder, ["unrelated.test"])
     monkeypatch.setenv("SSL_CERT_FILE", str(other_cert))
     port = tls_server.server_address[1]
-    fetcher = make_fetcher({HOST: "127.0.0.1"})
-    try:
-        result = fetcher.fetch(f"https://{HOST}:{port}/cat.jpg")
-    finally:
-        fetcher.close()
+    result = fetch_once({HOST: "127.0.0.1"}, f"https://{HOST}:{port}/cat.jpg")
     assert result.reason == "connect"
     assert "CERTIFICATE_VERIFY_FAILED" in result.detail
     assert tls_server.request_hosts == []
