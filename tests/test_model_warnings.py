@@ -43,7 +43,7 @@ def test_filter_is_removed_after_the_block(caplog):
     assert len(random_init_warnings(caplog)) == 1
 
 
-def test_load_clip_with_checkpoint_has_no_random_init_warning(tmp_path, caplog):
+def test_load_clip_checkpoint_skips_warning(tmp_path, caplog):
     register_model_configs()
     state_dict = open_clip.create_model(TINY_MODEL, load_weights=False).state_dict()
     path = tmp_path / "weights.pt"

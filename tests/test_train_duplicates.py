@@ -41,8 +41,8 @@ def masked_loss_by_hand(image, text, scale, ids) -> float:
     for direction in ("image_to_text", "text_to_image"):
         for i in range(rows):
             row = logits[i] if direction == "image_to_text" else [logits[j][i] for j in range(rows)]
-            kept = [row[j] for j in range(rows) if j == i or ids[j] != ids[i]]
-            total += -row[i] + math.log(sum(math.exp(value) for value in kept))
+            unmasked = [row[j] for j in range(rows) if j == i or ids[j] != ids[i]]
+            total += -row[i] + math.log(sum(math.exp(value) for value in unmasked))
     return total / (2 * rows)
 
 
