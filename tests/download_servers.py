@@ -22,6 +22,9 @@ NGINX_404 = (
     b"<hr><center>nginx</center></body></html>"
 )
 SVG = b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="10" height="10"/></svg>'
+# The body of the response that /excess-body/ hides after its declared body. It starts with the
+# JPEG signature so that only a body comparison tells it from a real image.
+SMUGGLED = b"\xff\xd8\xff\xe0" + b"smuggled response" * 4
 
 
 def make_jpeg(width: int = 64, height: int = 48, color=(200, 30, 30), quality: int = 90) -> bytes:
@@ -263,6 +266,13 @@ class HostileServer:
             headers = {"Content-Type": "image/jpeg", "Content-Length": str(len(image) // 2), "Connection": "close"}
             sock.sendall(self._head("200 OK", headers) + image)
             return False
+        if path.startswith("/excess-body/") and name in self.images:
+            # The body is longer than its Content-Length: a whole second response follows it on
+            # the kept-alive connection, which a client must not read as the response to its next request.
+            smuggled = self._head("200 OK", {"Content-Type": "image/jpeg", "Content-Length": str(len(SMUGGLED))}) + SMUGGLED
+            headers = {"Content-Type": "image/jpeg", "Content-Length": str(len(self.images[name]))}
+            sock.sendall(self._head("200 OK", headers) + self.images[name] + smuggled)
+            return True
         if path == "/reset":
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             return False

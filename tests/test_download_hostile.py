@@ -9,6 +9,7 @@ with generous slack for a loaded CI machine, not a speed test.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import socket
 import threading
 
@@ -17,11 +18,11 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
-from bm6b.filters.download import FetchConfig
+from bm6b.filters.download import Fetcher, FetchConfig
 from bm6b.filters.download_record import RecordDownloader, iter_download
 from bm6b.filters.image import ImageConfig
 from bm6b.pipelines import stages
-from tests.download_servers import HostileServer, make_jpeg
+from tests.download_servers import SMUGGLED, HostileServer, make_jpeg, make_noise_jpeg
 
 DEADLINE = 4.0
 JOB_BOUND = DEADLINE + 20.0
@@ -179,3 +180,22 @@ def test_download_stage_in_beam(server):
         return True
 
     assert run_bounded(job, JOB_BOUND + 10)
+
+
+def test_excess_body_not_reused():
+    # The first image is larger than http.client's read buffer (8 KiB in Python 3.11), so the bytes after its
+    # Content-Length stay in the socket instead of being dropped with the first response.
+    images = {"big.jpg": make_noise_jpeg(1, 480, 360), "next.jpg": make_noise_jpeg(2)}
+    with HostileServer(images) as hostile:
+        fetcher = Fetcher(dataclasses.replace(CONFIG, host_concurrency=1))
+
+        first = fetcher.fetch(hostile.url("/excess-body/big.jpg"))
+        second = fetcher.fetch(hostile.url("/img/next.jpg"))
+        third = fetcher.fetch(hostile.url("/img/next.jpg"))
+        fetcher.close()
+
+    assert len(images["big.jpg"]) > 8192
+    assert first.body == images["big.jpg"]
+    assert second.body != SMUGGLED
+    assert second.body == images["next.jpg"], second.detail
+    assert third.body == images["next.jpg"], third.detail

@@ -26,6 +26,7 @@ import itertools
 import logging
 import random
 import re
+import select
 import socket
 import ssl
 import threading
@@ -345,6 +346,27 @@ class _PinnedHTTPSConnection(_PinnedHTTPConnection):
             self.deadline.attach(self.sock)
 
 
+def _has_unread_input(conn: _PinnedHTTPConnection) -> bool:
+    """Return True when an idle connection's socket is readable, so it must not be reused.
+
+    An idle connection has no request in flight, so readable means the server closed it or sent
+    bytes beyond the last response, such as a body longer than its Content-Length. Reusing it
+    would read those bytes as the response to the next request. NOTE: bytes that arrive after this
+    check can still desynchronize the connection; only hosts that send them are affected.
+    """
+    sock = conn.sock
+    if sock is None:
+        return True
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True
+
+
 class _ConnectionPool:
     """Idle keep-alive connections keyed by (scheme, host, port, checked address)."""
 
@@ -354,9 +376,14 @@ class _ConnectionPool:
         self.lock = threading.Lock()
 
     def get(self, key: tuple) -> _PinnedHTTPConnection | None:
-        with self.lock:
-            conns = self.idle.get(key)
-            return conns.pop() if conns else None
+        """Return an idle connection for ``key`` that is safe to reuse, closing any that are not."""
+        while True:
+            with self.lock:
+                conns = self.idle.get(key)
+                conn = conns.pop() if conns else None
+            if conn is None or not _has_unread_input(conn):
+                return conn
+            conn.close()
 
     def put(self, key: tuple, conn: _PinnedHTTPConnection) -> None:
         with self.lock:
