@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import random
+import socket
+import threading
+import time
 
 import pytest
 
@@ -110,6 +113,45 @@ def test_circuit_breaker_stops_requests(server):
     assert blocked.reason == "host_failing"
     assert server.requests["/500"] == 3
     assert server.requests["/img/1.jpg"] == 0
+
+
+class FailingResolver:
+    """A resolver whose every lookup fails after ``delay`` seconds, like a dead name server."""
+
+    def __init__(self, delay: float = 0.0):
+        self.delay = delay
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, host: str, port: int) -> list[str]:
+        with self.lock:
+            self.calls += 1
+        time.sleep(self.delay)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+
+def test_circuit_breaker_counts_dns_failures():
+    resolver = FailingResolver()
+    fetcher = Fetcher(FetchConfig(retries=0, breaker_failures=3, breaker_cooldown=600), resolver=resolver)
+
+    reasons = [fetcher.fetch(f"http://dead.test/{i}.jpg").reason for i in range(10)]
+
+    assert reasons == ["dns"] * 3 + ["host_failing"] * 7
+    assert resolver.calls == 3
+
+
+def test_circuit_breaker_stops_queued_lookups():
+    # Twelve threads wait on one host's lookup lock. Once three lookups have failed, the rest
+    # must not call the resolver again.
+    resolver = FailingResolver(delay=0.05)
+    fetcher = Fetcher(FetchConfig(retries=0, breaker_failures=3, breaker_cooldown=600), resolver=resolver)
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        reasons = list(pool.map(lambda i: fetcher.fetch(f"http://dead.test/{i}.jpg").reason, range(12)))
+
+    assert resolver.calls == 3
+    assert reasons.count("dns") == 3
+    assert reasons.count("host_failing") == 9
 
 
 def test_circuit_breaker_resets_on_success():

@@ -537,6 +537,11 @@ class Fetcher:
 
     def _target(self, url: str) -> tuple[urllib.parse.SplitResult, str, int, str]:
         """Validate a URL and return (parts, host, port, checked address); raises _Failure."""
+        parts, host, port = self._split(url)
+        return parts, host, port, self._address(host, port)
+
+    def _split(self, url: str) -> tuple[urllib.parse.SplitResult, str, int]:
+        """Validate a URL's scheme and host and return (parts, host, port); raises _Failure."""
         try:
             parts = urllib.parse.urlsplit(url.strip())
         except ValueError as err:
@@ -551,7 +556,10 @@ class Fetcher:
             raise _Failure(Reason.INVALID_URL, str(err)) from err
         if not host:
             raise _Failure(Reason.INVALID_URL, f"no host in {url[:200]!r}")
+        return parts, host, port
 
+    def _address(self, host: str, port: int) -> str:
+        """Resolve ``host`` unless it is an IP literal, check every address and return the first."""
         try:
             literal = parse_ip_literal(host)
         except InvalidHost as err:
@@ -566,7 +574,7 @@ class Fetcher:
                 self.guard.check(address)
             except (BlockedAddress, ValueError) as err:
                 raise _Failure(Reason.BLOCKED_ADDRESS, f"{host}: {err}") from err
-        return parts, host, port, addresses[0]
+        return addresses[0]
 
     def _resolve(self, host: str, port: int) -> list[str]:
         key = (host, port)
@@ -577,28 +585,38 @@ class Fetcher:
             cached = self._dns.get(key)
             if cached is not None and cached[0] > time.monotonic():
                 return cached[1]
+            # Threads queued behind failed lookups of this host stop here once its circuit is open.
+            self._check_circuit(host)
             try:
                 addresses = self.resolver(host.encode("idna").decode("ascii"), port)
             except UnicodeError as err:
                 raise _Failure(Reason.INVALID_URL, f"{host!r}: invalid host name ({err})") from err
             except OSError as err:
+                self.breaker.record_failure(host)
                 raise _Failure(Reason.DNS, f"{host}: {err}") from err
             if not addresses:
+                self.breaker.record_failure(host)
                 raise _Failure(Reason.DNS, f"{host}: no address")
             self._dns[key] = (time.monotonic() + self.config.dns_cache_ttl, addresses)
             return addresses
 
-    def _fetch_hop(self, url: str, deadline: _Deadline | None) -> tuple[_Hop, _Deadline | None]:
-        cfg = self.config
-        try:
-            parts, host, port, address = self._target(url)
-        except _Failure as failure:
-            return _Hop(FetchResult(url, reason=failure.reason, detail=failure.detail)), deadline
-
+    def _check_circuit(self, host: str) -> None:
+        """Raise _Failure(HOST_FAILING) while the host's circuit breaker is open."""
         open_for = self.breaker.open_for(host)
         if open_for > 0:
             detail = f"{host}: {self.breaker.failures_of(host)} consecutive failures; circuit open for {open_for:.0f}s more"
-            return _Hop(FetchResult(url, reason=Reason.HOST_FAILING.value, detail=detail)), deadline
+            raise _Failure(Reason.HOST_FAILING, detail)
+
+    def _fetch_hop(self, url: str, deadline: _Deadline | None) -> tuple[_Hop, _Deadline | None]:
+        cfg = self.config
+        try:
+            parts, host, port = self._split(url)
+            # The circuit is checked before the DNS lookup, so a host whose name server keeps
+            # failing or timing out costs no more lookups while it is open.
+            self._check_circuit(host)
+            address = self._address(host, port)
+        except _Failure as failure:
+            return _Hop(FetchResult(url, reason=failure.reason, detail=failure.detail)), deadline
 
         if self.robots is not None:
             answer = self.robots.check(url)
