@@ -12,7 +12,7 @@ import pytest
 
 from bm6b.filters.download import Fetcher, FetchConfig, parse_retry_after
 from bm6b.filters.politeness import CircuitBreaker, HostBusy, HostLimiter, TokenBucket
-from bm6b.filters.robots import user_agent_token, x_robots_opt_out
+from bm6b.filters.robots import RobotsRules, user_agent_token, x_robots_opt_out
 from tests.download_servers import HostileServer, make_jpeg
 
 LOCAL = dict(allow_networks=("127.0.0.0/8",), backoff_base=0.01, deadline=10.0)
@@ -266,6 +266,74 @@ def test_robots_txt_server_error_is_retryable(server):
     assert result.reason == "http_5xx"
     assert "robots.txt" in result.detail
     assert server.requests["/img/1.jpg"] == 0
+
+
+# (robots.txt, path, allowed for the "bm6b" token), each worked out by hand from RFC 9309. The
+# longest matching rule wins and allow wins a tie. "*" matches any characters and a final "$"
+# anchors the end. Only groups that name the product token exactly (in any case) apply.
+ROBOTS_CASES = [
+    ("User-agent: *\nDisallow: /*a*b$\n", "/xaxb", False),
+    ("User-agent: *\nDisallow: /*a*b$\n", "/xbxa", True),
+    ("User-agent: *\nDisallow: /*ab$\n", "/ab", False),
+    ("User-agent: *\nDisallow: /a$\n", "/a", False),
+    ("User-agent: *\nDisallow: /a$\n", "/ab", True),
+    ("User-agent: *\nDisallow: /a*\n", "/a", False),
+    ("User-agent: *\nDisallow: /*.jpg$\n", "/images/a.jpg", False),
+    ("User-agent: *\nDisallow: /*.jpg$\n", "/images/a.jpg?size=big", True),
+    ("User-agent: *\nDisallow: /*.jpg$\n", "/images/a.png", True),
+    ("User-agent: *\nDisallow: /*/thumbs/\n", "/images/thumbs/a.jpg", False),
+    ("User-agent: *\nAllow: /\nDisallow: /images/\n", "/images/a.jpg", False),
+    ("User-agent: *\nDisallow: /images/\nAllow: /images/public/\n", "/images/public/a.jpg", True),
+    ("User-agent: *\nDisallow: /images/\nAllow: /images/public/\n", "/images/private/a.jpg", False),
+    ("User-agent: *\nAllow: /a\nDisallow: /a\n", "/a.jpg", True),
+    ("User-agent: b\nDisallow: /\n", "/a.jpg", True),
+    ("User-agent: bm6bot\nDisallow: /\n", "/a.jpg", True),
+    ("User-agent: *\nDisallow: /\n\nUser-agent: BM6B\nAllow: /\n", "/a.jpg", True),
+    ("User-agent: *\nDisallow: /\n\nUser-agent: bm6b\nDisallow: /private/\n", "/a.jpg", True),
+    ("User-agent: other\nUser-agent: bm6b\nDisallow: /private/\n", "/private/a.jpg", False),
+    ("User-agent: bm6b\nDisallow: /a/\n\nUser-agent: bm6b\nDisallow: /b/\n", "/b/1.jpg", False),
+    ("User-agent: *\nDisallow:\n", "/a.jpg", True),
+    ("user-AGENT: *   # every crawler\nDISALLOW: /x  # not this one\n", "/x/a.jpg", False),
+    ("Disallow: /\nUser-agent: *\nAllow: /\n", "/a.jpg", True),
+    ("User-agent: *\nDisallow: /\n", "/robots.txt", True),
+    ("User-agent: *\nDisallow: /%E5%9B%BE/\n", "/图/a.jpg", False),
+    ("User-agent: *\nDisallow: /图/\n", "/%e5%9b%be/a.jpg", False),
+]
+
+
+@pytest.mark.parametrize("robots_txt, path, allowed", ROBOTS_CASES)
+def test_robots_rules_follow_rfc_9309(robots_txt, path, allowed):
+    rules = RobotsRules(robots_txt)
+
+    assert rules.allows("bm6b", f"http://images.test{path}") == allowed
+
+
+def test_robots_rules_hostile_pattern_bounded():
+    # A matcher that backtracks takes exponential time on this pattern and a path without "b".
+    rules = RobotsRules("User-agent: *\nDisallow: /" + "*a" * 40 + "*b$\n")
+    box = {}
+    thread = threading.Thread(target=lambda: box.setdefault("allowed", rules.allows("bm6b", "http://h/" + "a" * 300)), daemon=True)
+
+    thread.start()
+    thread.join(5.0)
+
+    assert not thread.is_alive(), "robots.txt rule matching did not finish within 5 s"
+    assert box["allowed"] is True
+
+
+def test_robots_txt_over_500_kib_truncated(server):
+    # The rules come first and padding follows past 500 KiB: a crawler parses the first 500 KiB
+    # and obeys them, instead of failing every image of the host.
+    server.robots_txt = b"User-agent: *\nDisallow: /img/1.jpg\n" + b"# padding\n" * 60_000
+    fetcher = Fetcher(FetchConfig(check_robots_txt=True, retries=0, **LOCAL))
+
+    first = fetcher.fetch(server.url("/img/1.jpg"))
+    second = fetcher.fetch(server.url("/img/2.jpg"))
+
+    assert len(server.robots_txt) > 500 * 1024
+    assert first.reason == "opted_out"
+    assert second.ok, second.detail
+    assert server.requests["/robots.txt"] == 1
 
 
 def test_keep_alive_reuses_connections(server):

@@ -640,7 +640,9 @@ class Fetcher:
             self.breaker.record_success(host)
         return hop, deadline
 
-    def _request(self, url, parts, host, port, address, deadline: _Deadline, *, body_cap=None, sniff=True, fresh=False) -> _Hop:
+    def _request(
+        self, url, parts, host, port, address, deadline: _Deadline, *, body_cap=None, sniff=True, truncate=False, fresh=False
+    ) -> _Hop:
         scheme = parts.scheme.lower()
         key = (scheme, host, port, address)
         conn = self.pool.get(key) if self.config.keep_alive and not fresh else None
@@ -652,7 +654,7 @@ class Fetcher:
         deadline.attach(conn.sock)
         keep = False
         try:
-            hop, keep = self._exchange(url, parts, conn, deadline, body_cap=body_cap, sniff=sniff)
+            hop, keep = self._exchange(url, parts, conn, deadline, body_cap=body_cap, sniff=sniff, truncate=truncate)
             return hop
         except _Failure as failure:
             return _Hop(FetchResult(url, status=failure.status, reason=failure.reason, detail=failure.detail))
@@ -660,7 +662,9 @@ class Fetcher:
             if reused and not deadline.fired:
                 # The server closed an idle keep-alive connection, which tells nothing about the URL.
                 conn.close()
-                return self._request(url, parts, host, port, address, deadline, body_cap=body_cap, sniff=sniff, fresh=True)
+                return self._request(
+                    url, parts, host, port, address, deadline, body_cap=body_cap, sniff=sniff, truncate=truncate, fresh=True
+                )
             return _Hop(self._error_result(url, err, deadline))
         except (OSError, http.client.HTTPException, ValueError) as err:
             return _Hop(self._error_result(url, err, deadline))
@@ -688,8 +692,11 @@ class Fetcher:
             return FetchResult(url, reason=Reason.HTTP_ERROR.value, detail=detail)
         return FetchResult(url, reason=Reason.CONNECT.value, detail=f"{type(err).__name__}: {err}")
 
-    def _exchange(self, url, parts, conn, deadline: _Deadline, *, body_cap, sniff) -> tuple[_Hop, bool]:
-        """Send the request and read the response; returns the hop and whether the connection can be reused."""
+    def _exchange(self, url, parts, conn, deadline: _Deadline, *, body_cap, sniff, truncate) -> tuple[_Hop, bool]:
+        """Send the request and read the response; returns the hop and whether the connection can be reused.
+
+        With ``truncate``, a body larger than the cap is cut at the cap instead of failing as too_large.
+        """
         cfg = self.config
         if deadline.remaining() <= 0:
             raise _Failure(Reason.TIMEOUT, f"deadline of {cfg.deadline}s passed")
@@ -731,10 +738,10 @@ class Fetcher:
 
         cap = body_cap or cfg.max_bytes
         length = response.getheader("Content-Length")
-        if length and length.strip().isdigit() and int(length) > cap:
+        if not truncate and length and length.strip().isdigit() and int(length) > cap:
             raise _Failure(Reason.TOO_LARGE, f"Content-Length {length} > {cap} bytes", status)
 
-        result.body = self._read_body(response, sock, cap, deadline, sniff, status)
+        result.body, complete = self._read_body(response, sock, cap, deadline, sniff, truncate, status)
         response.close()
         if sniff:
             result.image_format = sniff_image_format(result.body[:SNIFF_BYTES])
@@ -743,9 +750,10 @@ class Fetcher:
             if result.image_format is None:
                 what = describe_non_image(result.body[:512])
                 raise _Failure(Reason.NOT_AN_IMAGE, f"body is {what} (Content-Type {content_type})", status)
-        return _Hop(result), not response.will_close
+        return _Hop(result), complete and not response.will_close
 
-    def _read_body(self, response, sock, cap: int, deadline: _Deadline, sniff: bool, status: int) -> bytes:
+    def _read_body(self, response, sock, cap: int, deadline: _Deadline, sniff: bool, truncate: bool, status: int) -> tuple[bytes, bool]:
+        """Read the body up to ``cap`` bytes; return it and whether it was read to its end."""
         cfg = self.config
         encoding = (response.getheader("Content-Encoding") or "identity").strip().lower()
         if encoding in ("gzip", "x-gzip"):
@@ -772,8 +780,11 @@ class Fetcher:
             if decoder is not None:
                 # max_length keeps a compression bomb from expanding past the cap in memory.
                 chunk = decoder.decompress(chunk, cap + 1 - size)
-                if decoder.unconsumed_tail:
+                if decoder.unconsumed_tail and not truncate:
                     raise _Failure(Reason.TOO_LARGE, f"{encoding} body expands past {cap} bytes", status)
+            if truncate and size + len(chunk) > cap:
+                chunks.append(chunk[: cap - size])
+                return b"".join(chunks), False
             size += len(chunk)
             if size > cap:
                 raise _Failure(Reason.TOO_LARGE, f"body larger than {cap} bytes", status)
@@ -797,11 +808,14 @@ class Fetcher:
             raise _Failure(Reason.RESET, f"connection closed after {size} of {size + response.length} bytes", status)
         if decoder is not None:
             tail = decoder.flush()
+            if truncate and size + len(tail) > cap:
+                chunks.append(tail[: cap - size])
+                return b"".join(chunks), False
             size += len(tail)
             if size > cap:
                 raise _Failure(Reason.TOO_LARGE, f"body larger than {cap} bytes", status)
             chunks.append(tail)
-        return b"".join(chunks)
+        return b"".join(chunks), True
 
     def _drain(self, response, limit: int) -> bool:
         """Read and drop a small error or redirect body so the connection can be reused."""
@@ -814,7 +828,11 @@ class Fetcher:
     # -------------------------------------------------------- robots.txt
 
     def _fetch_robots(self, robots_url: str):
-        """Fetch robots.txt through the same guard, pinning and caps; no image sniffing."""
+        """Fetch robots.txt through the same guard and pinning, without image sniffing.
+
+        A body longer than ROBOTS_MAX_BYTES is cut there: RFC 9309 asks crawlers to parse at
+        least 500 KiB, and a longer file must not fail every URL of its host.
+        """
         cfg = self.config
         deadline = _Deadline(time.monotonic() + min(cfg.deadline, 15.0))
         _WATCHDOG.watch(deadline)
@@ -825,7 +843,7 @@ class Fetcher:
                     parts, host, port, address = self._target(current)
                 except _Failure as failure:
                     return None, None, failure.reason, failure.detail
-                hop = self._request(current, parts, host, port, address, deadline, body_cap=ROBOTS_MAX_BYTES, sniff=False)
+                hop = self._request(current, parts, host, port, address, deadline, body_cap=ROBOTS_MAX_BYTES, sniff=False, truncate=True)
                 if hop.location is None:
                     result = hop.result
                     if result.status is None or (result.reason and result.reason == Reason.TOO_LARGE.value):
