@@ -336,6 +336,32 @@ def test_pixel_limit_rejects_before_decoding():
     assert "3000x2000" in result.detail
 
 
+def png_rows_missing(width: int, height: int) -> bytes:
+    """Return a 1-bit PNG whose IDAT contains its first row and then breaks off, so it opens but cannot decode."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    compressor = zlib.compressobj()
+    # A sync flush ends the block without ending the zlib stream, as a cut-off download does.
+    pixels = compressor.compress(b"\x00" * (1 + (width + 7) // 8)) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def test_pixel_limit_above_pillow_default():
+    # 210 M pixels is above twice Pillow's default MAX_IMAGE_PIXELS (2 x 89,478,485), where
+    # Pillow itself raises DecompressionBombError on open. With max_pixels above the image, the
+    # pixel check passes and the missing pixel data fails the decode instead.
+    data = png_rows_missing(15_000, 14_000)
+
+    raised = process_image(data, ImageConfig(max_pixels=300_000_000))
+    default = process_image(data)
+
+    assert raised.reason == "decode_error", raised.detail
+    assert default.reason == "decompression_bomb"
+
+
 def test_min_size_and_aspect_ratio(dirty):
     assert process_image(read(dirty, "tiny.png"), ImageConfig(min_size=10)).reason == "too_small"
     assert process_image(read(dirty, "old-style-jpeg-compression.png"), ImageConfig(max_aspect_ratio=3)).reason == "bad_aspect_ratio"

@@ -180,6 +180,18 @@ def _draft_size(width: int, height: int, cfg: ImageConfig) -> tuple[int, int] | 
     return math.ceil(width * scale), math.ceil(height * scale)
 
 
+def _allow_pillow_pixels(max_pixels: int) -> None:
+    """Raise Pillow's own pixel limit to ``max_pixels`` when it is lower.
+
+    Image.open raises DecompressionBombError above twice Image.MAX_IMAGE_PIXELS (and warns above
+    it), which would cap a larger max_pixels. The limit is a module global, so it is only ever
+    raised here, never lowered, and the check after Image.open enforces max_pixels.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and limit < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def decode_image(data: bytes, cfg: ImageConfig) -> tuple[Image.Image, tuple[int, int], str]:
     """Decode the first frame to upright 8-bit sRGB; return (image, original upright size, format).
 
@@ -189,6 +201,7 @@ def decode_image(data: bytes, cfg: ImageConfig) -> tuple[Image.Image, tuple[int,
         raise ImageReject(Reason.EMPTY_BODY, "0 bytes")
     if sniff_image_format(data[:32]) is None:
         raise ImageReject(Reason.NOT_AN_IMAGE, f"data is {describe_non_image(data[:512])}")
+    _allow_pillow_pixels(cfg.max_pixels)
 
     try:
         image = Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS)
