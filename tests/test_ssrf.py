@@ -83,6 +83,11 @@ BLOCKED_LITERALS = [
     "http://0xa9fea9fe/latest/meta-data/",
     "http://0251.0376.0251.0376/latest/meta-data/",
     "http://0/a.jpg",
+    # IDNA maps fullwidth digits and dots, and the ideographic full stop, to ASCII before resolving
+    "http://\uff11\uff12\uff17.\uff10.\uff10.\uff11/a.jpg",
+    "http://127\u30020\u30020\u30021/a.jpg",
+    "http://127\uff0e0\uff0e0\uff0e1/a.jpg",
+    "http://169\u3002254\u3002169\u3002254/latest/meta-data/",
     "http://127.0.0.1:8080/a.jpg",
     "http://user:pass@127.0.0.1/a.jpg",
     "https://127.0.0.1/a.jpg",

@@ -561,7 +561,11 @@ class Fetcher:
     def _address(self, host: str, port: int) -> str:
         """Resolve ``host`` unless it is an IP literal, check every address and return the first."""
         try:
-            literal = parse_ip_literal(host)
+            # IDNA maps fullwidth digits and dots and the ideographic full stop to ASCII, so
+            # "１２７。０。０。１" is the literal 127.0.0.1 and never goes to the resolver.
+            literal = parse_ip_literal(host if host.isascii() else host.encode("idna").decode("ascii"))
+        except UnicodeError as err:
+            raise _Failure(Reason.INVALID_URL, f"{host!r}: invalid host name ({err})") from err
         except InvalidHost as err:
             raise _Failure(Reason.INVALID_URL, str(err)) from err
         if literal is not None:
