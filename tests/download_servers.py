@@ -23,7 +23,7 @@ NGINX_404 = (
 )
 SVG = b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="10" height="10"/></svg>'
 # The body of the response that /excess-body/ hides after its declared body. It starts with the
-# JPEG signature so that only a body comparison tells it from a real image.
+# JPEG signature so that only a body comparison distinguishes it from a real image.
 SMUGGLED = b"\xff\xd8\xff\xe0" + b"smuggled response" * 4
 
 
@@ -272,6 +272,17 @@ class HostileServer:
             smuggled = self._head("200 OK", {"Content-Type": "image/jpeg", "Content-Length": str(len(SMUGGLED))}) + SMUGGLED
             headers = {"Content-Type": "image/jpeg", "Content-Length": str(len(self.images[name]))}
             sock.sendall(self._head("200 OK", headers) + self.images[name] + smuggled)
+            return True
+        if path == "/conflicting-length":
+            image = next(iter(self.images.values()))
+            head = self._head("200 OK", {"Content-Type": "image/jpeg", "Content-Length": "10", "Connection": "close"})
+            # http.client reads the first Content-Length, and the second one is the true body size.
+            sock.sendall(head[:-2] + f"Content-Length: {len(image)}\r\n\r\n".encode("latin-1") + image)
+            return False
+        if path in ("/length-list", "/length-negative"):
+            image = next(iter(self.images.values()))
+            length = f"10, {len(image)}" if path == "/length-list" else "-1"
+            sock.sendall(self._head("200 OK", {"Content-Type": "image/jpeg", "Content-Length": length}) + image)
             return True
         if path == "/reset":
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

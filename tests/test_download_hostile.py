@@ -71,6 +71,9 @@ HOSTILE = {
     "/stall": "timeout",
     "/lying-long": "reset",  # Content-Length larger than the body, then close
     "/lying-short": "decode_error",  # Content-Length cuts the JPEG in half
+    "/conflicting-length": "http_error",  # two different Content-Length headers
+    "/length-list": "http_error",  # "Content-Length: 10, N"
+    "/length-negative": "http_error",  # "Content-Length: -1" on a kept-alive connection
     "/reset": "reset",
     "/close-early": "reset",
     "/not-http": "http_error",

@@ -740,6 +740,12 @@ class Fetcher:
                 result.detail = f"X-Robots-Tag: {directive}"
                 return _Hop(result), False
 
+        # RFC 9112 section 6.3: a Content-Length that is not one decimal value, or a list of equal
+        # ones, makes the framing of the response unrecoverable. http.client would use the first
+        # header, or read until the server closes the connection when the value is not a number.
+        lengths = {part.strip() for value in response.headers.get_all("Content-Length") or [] for part in value.split(",")}
+        if len(lengths) > 1 or not all(length.isdigit() for length in lengths):
+            raise _Failure(Reason.HTTP_ERROR, f"invalid Content-Length {sorted(lengths)}", status)
         cap = body_cap or cfg.max_bytes
         length = response.getheader("Content-Length")
         if not truncate and length and length.strip().isdigit() and int(length) > cap:
