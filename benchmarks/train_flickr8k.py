@@ -157,6 +157,7 @@ def run(args) -> dict:
         workers=args.workers,
         text_policy=args.text_policy,
         mask_duplicates=not args.no_mask_duplicates,
+        seed=args.seed,
         crop_scale_min=args.crop_scale_min,
         save_every=args.save_every,
         log_every=10,
@@ -210,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-mask-duplicates", action="store_true", help="treat pairs of a step that share a photo as negatives, as plain CLIP does")
     parser.add_argument("--run", default="run", help="subfolder of WORK for the checkpoint, metrics and results.json; an existing one is resumed (default: run)")
     parser.add_argument("--crop-scale-min", type=float, default=0.5, help="smallest area fraction of the training crop (default: 0.5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for weights, data order and augmentation (default: 0)")
     parser.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (default: 100)")
     return parser
 

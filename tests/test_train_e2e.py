@@ -28,8 +28,10 @@ TEST_IMAGES = 125
 CHANCE_R5 = 100 * 5 / TEST_IMAGES
 
 
-# benchmarks/train_flickr8k.py defaults: bm6b-tiny, whose 300-step R@5 is in BENCHMARKS.md's table of variants.
+# The convolutional model of BENCHMARKS.md's Flickr8k table; 300 steps take about 100 s on one core.
+MODEL = "bm6b-small-resnet"
 STEPS = int(os.environ.get("BM6B_E2E_STEPS", "300"))
+DIRECTIONS = [(lang, direction) for lang in ("zh", "en") for direction in ("image_to_text", "text_to_image")]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,10 @@ def flickr_run(shared_raw, tmp_path_factory):
 
     work = tmp_path_factory.mktemp("flickr8k-train")
     args = train_flickr8k.build_parser().parse_args(
-        ["--raw", str(shared_raw), "--work", str(work), "--steps", str(STEPS), "--warmup", "30"]
+        [
+            "--raw", str(shared_raw), "--work", str(work), "--model", MODEL, "--steps", str(STEPS),
+            "--warmup", "30", "--threads", "1",
+        ]
     )
     results = train_flickr8k.run(args)
     return {"work": work, "results": results}
@@ -55,13 +60,19 @@ def test_curated_splits(flickr_run):
 
 
 def test_trained_beats_chance_and_untrained(flickr_run):
-    results = flickr_run["results"]
-    for lang in ("zh", "en"):
-        for direction in ("image_to_text", "text_to_image"):
-            recall = results["trained"][lang][direction]["R@5"]
-            # The recorded 300-step run reached 1.8 to 2.9 times chance, so 1.5 leaves a margin.
-            assert recall >= 1.5 * CHANCE_R5, (lang, direction, recall)
-            assert recall > results["untrained"][lang][direction]["R@5"], (lang, direction)
+    """Seeds 0 to 6 of this run gave a mean R@5 of 8.0 to 13.7 and no direction below 7.2.
+
+    One run's R@5 moves by several points with the seed and the CPU's floating-point paths, so
+    the bounds hold the mean of the four directions to 1.5x chance and each direction to 1.25x.
+    Without learning the mean sits at 4.0 with a standard error of about 0.7.
+    """
+    trained = {key: flickr_run["results"]["trained"][key[0]][key[1]]["R@5"] for key in DIRECTIONS}
+    untrained = {key: flickr_run["results"]["untrained"][key[0]][key[1]]["R@5"] for key in DIRECTIONS}
+    mean = sum(trained.values()) / len(trained)
+    assert mean >= 1.5 * CHANCE_R5, trained
+    assert mean >= sum(untrained.values()) / len(untrained) + 2.0, (trained, untrained)
+    for key, recall in trained.items():
+        assert recall >= 1.25 * CHANCE_R5, (key, trained)
 
 
 def test_loss_falls_on_real_data(flickr_run):
