@@ -250,8 +250,11 @@ def test_grey_with_transparency(dirty):
     assert np.array_equal(pixels(image), expected)
 
 
-def png_bytes(array: np.ndarray, color_type: int) -> bytes:
-    """Encode a 16-bit PNG by hand (grey: type 0, RGB: type 2), independent of Pillow's encoder."""
+def png_bytes(array: np.ndarray, color_type: int, key: tuple[int, ...] | None = None) -> bytes:
+    """Encode a 16-bit PNG by hand (grey: type 0, RGB: type 2), independent of Pillow's encoder.
+
+    ``key`` adds a tRNS chunk: the 16-bit sample values of the one transparent grey level or colour.
+    """
     height, width = array.shape[:2]
     rows = array.astype(">u2").reshape(height, -1)
     raw = b"".join(b"\x00" + row.tobytes() for row in rows)
@@ -260,7 +263,10 @@ def png_bytes(array: np.ndarray, color_type: int) -> bytes:
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
     header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    transparency = chunk(b"tRNS", struct.pack(f">{len(key)}H", *key)) if key else b""
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + transparency + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
 
 
 def test_16bit_grey_scaled_not_clipped():
@@ -281,6 +287,33 @@ def test_16bit_rgb_scaled_not_clipped():
     image, _, _ = decode_image(png_bytes(values, 2), NO_RESIZE)
 
     assert np.abs(pixels(image) - np.rint(values / 257.0)).max() <= 1
+
+
+def test_16bit_grey_color_key_transparency():
+    values = np.full((6, 8), 60000, dtype=np.uint16)
+    values[:, :3] = 1000
+    expected = np.repeat(np.rint(values / 257.0)[..., None], 3, axis=-1)
+    expected[:, :3] = (0, 0, 255)
+
+    image, _, _ = decode_image(png_bytes(values, 0, key=(1000,)), ImageConfig(resize_mode="no", background=(0, 0, 255)))
+
+    assert np.abs(pixels(image) - expected).max() <= 1
+
+
+def test_16bit_rgb_color_key_transparency():
+    values = np.zeros((6, 8, 3), dtype=np.uint16)
+    values[...] = (50000, 0, 0)
+    values[:, :3] = (1000, 2000, 3000)
+    # 51400 is 200 in its high byte: an 8-bit pixel (200, 0, 0) is not the 16-bit key (200, 0, 0).
+    values[:, 6:] = (51400, 0, 0)
+    expected = np.rint(values / 257.0)
+    expected[:, :3] = (0, 0, 255)
+
+    keyed, _, _ = decode_image(png_bytes(values, 2, key=(1000, 2000, 3000)), ImageConfig(resize_mode="no", background=(0, 0, 255)))
+    small_key, _, _ = decode_image(png_bytes(values, 2, key=(200, 0, 0)), ImageConfig(resize_mode="no", background=(0, 0, 255)))
+
+    assert np.abs(pixels(keyed) - expected).max() <= 1
+    assert np.abs(pixels(small_key)[:, 6:] - np.rint(values[:, 6:] / 257.0)).max() <= 1
 
 
 def test_16bit_animated_rgba_decodes(dirty):

@@ -217,9 +217,15 @@ def decode_image(data: bytes, cfg: ImageConfig) -> tuple[Image.Image, tuple[int,
             if draft is not None:
                 # DCT scaling in the decoder: 2-8x less work for images much larger than the output.
                 image.draft(None, draft)
+        sixteen_bit_rgb = image.mode == "RGB" and any(";16" in str(tile.args) for tile in image.tile)
         # Load before reading EXIF: PNG's getexif() loads the pixels itself, and read_orientation
         # swallows errors, which would hide a corrupt data stream.
         image.load()
+        if sixteen_bit_rgb and isinstance(image.info.get("transparency"), tuple):
+            # Pillow 12.3 keeps the high byte of each 16-bit sample but the tRNS colour in 16 bits,
+            # so compare high bytes. NOTE: colours that differ from the key only in their low bytes
+            # become transparent too, because the low bytes are gone.
+            image.info["transparency"] = tuple(value >> 8 for value in image.info["transparency"])
         orientation = read_orientation(image)
         image = to_rgb(image, cfg.background)
     except ImageReject:
@@ -299,7 +305,12 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     has_transparency = "transparency" in image.info
 
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        key = image.info.get("transparency") if has_transparency else None
+        transparent = np.asarray(image) == key if isinstance(key, int) else None
         image = _scale_to_8bit(image)
+        if transparent is not None:
+            # The tRNS grey level is in the source's 16-bit units, so the mask is taken before scaling.
+            image.putalpha(Image.fromarray(np.where(transparent, 0, 255).astype(np.uint8), "L"))
     elif image.mode == "LAB":
         lab_to_srgb = ImageCms.buildTransform(ImageCms.createProfile("LAB"), _SRGB_PROFILE, "LAB", "RGB")
         return ImageCms.applyTransform(image, lab_to_srgb)
