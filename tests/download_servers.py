@@ -16,6 +16,7 @@ import struct
 import threading
 import time
 import urllib.parse
+import zlib
 
 NGINX_404 = (
     b"<html><head><title>404 Not Found</title></head><body><center><h1>404 Not Found</h1></center>"
@@ -292,6 +293,18 @@ class HostileServer:
         if path == "/not-http":
             sock.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
             return False
+        if path.startswith(("/deflate/", "/raw-deflate/")) and name in self.images:
+            # "deflate" means a zlib stream (RFC 9110), but some servers send raw deflate data.
+            compressor = zlib.compressobj(wbits=zlib.MAX_WBITS if path.startswith("/deflate/") else -zlib.MAX_WBITS)
+            body = compressor.compress(self.images[name]) + compressor.flush()
+            headers = {"Content-Type": "image/jpeg", "Content-Encoding": "deflate", "Content-Length": str(len(body))}
+            sock.sendall(self._head("200 OK", headers) + body)
+            return True
+        if path == "/bad-gzip":
+            body = b"this is not gzip data " * 20
+            headers = {"Content-Type": "image/jpeg", "Content-Encoding": "gzip", "Content-Length": str(len(body))}
+            sock.sendall(self._head("200 OK", headers) + body)
+            return True
         if path == "/gzip-bomb":
             body = self.gzip_bomb()
             headers = {"Content-Type": "image/jpeg", "Content-Encoding": "gzip", "Content-Length": str(len(body))}

@@ -55,6 +55,8 @@ HOSTILE = {
     "/503-then-ok": None,
     "/429-then-ok": None,  # Retry-After: 1 honoured, then 200
     "/redirect-chain/3": None,
+    "/deflate/good1.jpg": None,  # Content-Encoding: deflate as a zlib stream
+    "/raw-deflate/good2.jpg": None,  # Content-Encoding: deflate without the zlib wrapper
     "/html-as-jpeg": "not_an_image",
     "/svg": "not_an_image",
     "/empty": "empty_body",
@@ -66,6 +68,7 @@ HOSTILE = {
     "/big-length": "too_large",
     "/endless": "too_large",
     "/gzip-bomb": "too_large",
+    "/bad-gzip": "http_error",  # Content-Encoding: gzip on data that is not gzip
     "/slow-drip": "too_slow",
     "/slow-headers": "timeout",
     "/stall": "timeout",

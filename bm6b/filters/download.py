@@ -458,6 +458,18 @@ def status_reason(status: int) -> str:
     return Reason.HTTP_ERROR.value
 
 
+def _deflate_decoder(head: bytes):
+    """Return a decompressor for a "deflate" body that starts with ``head``.
+
+    RFC 9110 defines "deflate" as a zlib stream, but some servers send raw deflate data without
+    the zlib header. A valid zlib header (RFC 1950: compression method 8, and the two header
+    bytes as a big-endian number a multiple of 31) selects the zlib format.
+    """
+    if len(head) >= 2 and head[0] & 0x0F == 8 and ((head[0] << 8) | head[1]) % 31 == 0:
+        return zlib.decompressobj()
+    return zlib.decompressobj(-zlib.MAX_WBITS)
+
+
 class Fetcher:
     """Fetch image URLs safely; one instance is shared by many threads of one worker."""
 
@@ -768,10 +780,8 @@ class Fetcher:
         encoding = (response.getheader("Content-Encoding") or "identity").strip().lower()
         if encoding in ("gzip", "x-gzip"):
             decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        elif encoding == "deflate":
-            decoder = zlib.decompressobj()
-        elif encoding == "identity":
-            decoder = None
+        elif encoding in ("deflate", "identity"):
+            decoder = None  # a deflate decoder is chosen from the first bytes of the body
         else:
             raise _Failure(Reason.HTTP_ERROR, f"unsupported Content-Encoding {encoding!r}", status)
 
@@ -787,9 +797,14 @@ class Fetcher:
             chunk = response.read1(READ_CHUNK)
             if not chunk:
                 break
+            if decoder is None and encoding == "deflate":
+                decoder = _deflate_decoder(chunk)
             if decoder is not None:
                 # max_length keeps a compression bomb from expanding past the cap in memory.
-                chunk = decoder.decompress(chunk, cap + 1 - size)
+                try:
+                    chunk = decoder.decompress(chunk, cap + 1 - size)
+                except zlib.error as err:
+                    raise _Failure(Reason.HTTP_ERROR, f"invalid {encoding} body: {err}", status) from err
                 if decoder.unconsumed_tail and not truncate:
                     raise _Failure(Reason.TOO_LARGE, f"{encoding} body expands past {cap} bytes", status)
             if truncate and size + len(chunk) > cap:
@@ -817,7 +832,10 @@ class Fetcher:
             # http.client reports an early EOF on a Content-Length body as a short read, not an error.
             raise _Failure(Reason.RESET, f"connection closed after {size} of {size + response.length} bytes", status)
         if decoder is not None:
-            tail = decoder.flush()
+            try:
+                tail = decoder.flush()
+            except zlib.error as err:
+                raise _Failure(Reason.HTTP_ERROR, f"invalid {encoding} body: {err}", status) from err
             if truncate and size + len(tail) > cap:
                 chunks.append(tail[: cap - size])
                 return b"".join(chunks), False
