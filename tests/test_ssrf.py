@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import urllib.parse
 
 import pytest
 
@@ -156,6 +157,31 @@ def test_malformed_numeric_host_is_invalid_url(url, connects):
 
     assert result.reason == "invalid_url", (url, result.reason, result.detail)
     assert connects == []
+
+
+@pytest.mark.parametrize(
+    "url", ["http://[::1/a.jpg", "http://[zz]/a.jpg", "http://a b/a.jpg", "http://a\x00b/a.jpg", "http://a%2fb/a.jpg", "http://a<b>/a.jpg"]
+)
+def test_malformed_host_is_invalid_url(url, connects):
+    resolver = RecordingResolver({})
+
+    result = Fetcher(FetchConfig(retries=0), resolver=resolver).fetch(url)
+
+    assert result.reason == "invalid_url", (url, result.reason, result.detail)
+    assert resolver.calls == []
+    assert connects == []
+
+
+@pytest.mark.parametrize("location", ["http://[::1/a.jpg", "http://[zz]/a.jpg", "//[::1/a.jpg", "http://a b/a.jpg"])
+def test_redirect_to_malformed_url_is_invalid_url(location, connects):
+    resolver = RecordingResolver({})
+    with HostileServer({"a.jpg": make_jpeg()}) as server:
+        fetcher = Fetcher(FetchConfig(retries=0, allow_networks=("127.0.0.0/8",)), resolver=resolver)
+
+        result = fetcher.fetch(server.url("/redirect-to?u=" + urllib.parse.quote(location, safe="")))
+
+    assert result.reason == "invalid_url", (location, result.reason, result.detail)
+    assert resolver.calls == []
 
 
 RESOLVER_TABLE = {

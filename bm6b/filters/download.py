@@ -164,6 +164,12 @@ def parse_ip_literal(host: str) -> IPAddress | None:
     return parse_ipv4_literal(host)
 
 
+# Characters that cannot appear in a host name or IPv4 literal: the WHATWG URL standard's
+# forbidden domain code points (controls, space, "%" and delimiters) that urlsplit leaves in the
+# host, plus '"', "`", "{" and "}", which no DNS name contains either.
+_FORBIDDEN_HOST_CHARACTER = re.compile(r'[\x00-\x20\x7f"#%/<>?@\\^`{|}]')
+
+
 _NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
 _IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
 
@@ -539,7 +545,11 @@ class Fetcher:
             if hop.location is None:
                 hop.result.final_url = current
                 return hop.result, deadline
-            current = urllib.parse.urljoin(current, hop.location)
+            try:
+                current = urllib.parse.urljoin(current, hop.location)
+            except ValueError as err:
+                detail = f"invalid redirect Location {hop.location[:200]!r}: {err}"
+                return FetchResult(url, status=hop.result.status, reason=Reason.INVALID_URL.value, detail=detail), deadline
         return (
             FetchResult(url, reason=Reason.TOO_MANY_REDIRECTS.value, detail=f"more than {self.config.max_redirects} redirects, last {current}"),
             deadline,
@@ -568,6 +578,9 @@ class Fetcher:
             raise _Failure(Reason.INVALID_URL, str(err)) from err
         if not host:
             raise _Failure(Reason.INVALID_URL, f"no host in {url[:200]!r}")
+        # IPv6 literals were checked by urlsplit and may carry a zone such as "%25eth0".
+        if ":" not in host and _FORBIDDEN_HOST_CHARACTER.search(host):
+            raise _Failure(Reason.INVALID_URL, f"{host[:200]!r}: invalid character in host name")
         return parts, host, port
 
     def _address(self, host: str, port: int) -> str:
@@ -877,7 +890,10 @@ class Fetcher:
                     if result.status is None or (result.reason and result.reason == Reason.TOO_LARGE.value):
                         return None, None, result.reason, result.detail
                     return result.status, result.body, result.reason, result.detail
-                current = urllib.parse.urljoin(current, hop.location)
+                try:
+                    current = urllib.parse.urljoin(current, hop.location)
+                except ValueError as err:
+                    return None, None, Reason.INVALID_URL.value, f"invalid redirect Location {hop.location[:200]!r}: {err}"
             return 404, None, None, "too many redirects; treated as no robots.txt"
         finally:
             deadline.finish()
