@@ -395,6 +395,24 @@ def test_pixel_limit_above_pillow_default():
     assert default.reason == "decompression_bomb"
 
 
+@pytest.mark.parametrize(
+    "size, config",
+    [
+        ((70_000, 2), ImageConfig()),  # keep_ratio only shrinks, so 70,000 px wide stays, past JPEG's 65,500
+        ((20_000, 300), ImageConfig(resize_mode="no", encode_format="webp")),  # past WebP's 16,383
+    ],
+)
+def test_output_past_format_limit_rejected(size, config):
+    buffer = io.BytesIO()
+    Image.new("L", size, 128).save(buffer, format="PNG")
+
+    result = process_image(buffer.getvalue(), config)
+
+    assert result.reason == "encode_error", result.detail
+    assert result.jpeg is None
+    assert f"{size[0]}x{size[1]}" in result.detail
+
+
 def test_min_size_and_aspect_ratio(dirty):
     assert process_image(read(dirty, "tiny.png"), ImageConfig(min_size=10)).reason == "too_small"
     assert process_image(read(dirty, "old-style-jpeg-compression.png"), ImageConfig(max_aspect_ratio=3)).reason == "bad_aspect_ratio"

@@ -405,6 +405,14 @@ def process_image(data: bytes, config: ImageConfig | None = None) -> ImageResult
 
     result.phash = compute_phash(image)
     image = resize(image, cfg)
+    try:
+        encoded = encode(image, cfg)
+    except (OSError, ValueError) as err:
+        # Pillow 12.3 raises these for sizes past the format's limit: 65,500 px a side for JPEG,
+        # 16,383 for WebP. Sizes come from the source when resizing is off or only shrinks.
+        result.reason = Reason.ENCODE_ERROR.value
+        result.detail = f"{image.width}x{image.height} {cfg.encode_format}: {type(err).__name__}: {err}"
+        return result
     result.width, result.height = image.size
-    result.jpeg = encode(image, cfg)
+    result.jpeg = encoded
     return result

@@ -41,6 +41,7 @@ class Reason(str, enum.Enum):
     DECOMPRESSION_BOMB = "decompression_bomb"  # more pixels than the configured maximum
     TOO_SMALL = "too_small"  # below the minimum image size
     BAD_ASPECT_RATIO = "bad_aspect_ratio"  # above the maximum aspect ratio
+    ENCODE_ERROR = "encode_error"  # the output image could not be encoded, e.g. wider than the format allows
 
     # captions
     EMPTY_CAPTION = "empty_caption"  # no caption left after normalization
