@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+import tarfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,7 +15,7 @@ import pytest
 from bm6b.filters.download import FetchConfig
 from bm6b.filters.image import ImageConfig
 from bm6b.pipelines.curate import CurateConfig, run_curate
-from bm6b.pipelines.img2dataset_input import reason_from_error
+from bm6b.pipelines.img2dataset_input import iter_shard, reason_from_error
 from tests.download_servers import HostileServer, make_noise_jpeg
 
 CAPTIONS = [
@@ -160,3 +162,23 @@ def test_img2dataset_folder_as_input(server, tmp_path, output_format):
 )
 def test_img2dataset_error_mapping(message, reason):
     assert reason_from_error(message) == reason
+
+
+def test_img2dataset_broken_json_keeps_sample(tmp_path):
+    # A damaged KEY.json loses the sample's URL, not the sample, and must not stop the shard.
+    images = [make_noise_jpeg(i) for i in range(3)]
+    metadata = [json.dumps({"url": "http://images.test/0.jpg"}).encode(), b"{not json", json.dumps({"url": "http://images.test/2.jpg"}).encode()]
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for index, (image, meta) in enumerate(zip(images, metadata)):
+            for extension, data in (("jpg", image), ("txt", f"caption {index}".encode()), ("json", meta)):
+                info = tarfile.TarInfo(f"{index:09d}.{extension}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+    outcomes = list(iter_shard(str(shard)))
+
+    assert [kind for kind, _ in outcomes] == ["record"] * 3
+    assert [record["url"] for _, record in outcomes] == ["http://images.test/0.jpg", None, "http://images.test/2.jpg"]
+    assert [record["image"] for _, record in outcomes] == images
+    assert [record["captions"] for _, record in outcomes] == [["caption 0"], ["caption 1"], ["caption 2"]]

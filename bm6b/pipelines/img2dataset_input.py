@@ -109,6 +109,18 @@ def _failure(shard: str, index: int, row: dict[str, Any]) -> dict[str, Any]:
     return make_reject(record, stage=STAGE, reason=reason_from_error(message), detail=f"img2dataset: {message}")
 
 
+def _metadata(path: str, key: str, data: bytes | None) -> dict[str, Any]:
+    """Parse a sample's KEY.json, or return {} for a missing or damaged file so that the sample keeps its image."""
+    if data is None:
+        return {}
+    try:
+        meta = json.loads(data)
+    except ValueError as err:
+        logger.warning("%s: ignoring the unreadable %s.json (%s)", path, key, err)
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def iter_webdataset_shard(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ("record", record) per stored sample and ("reject", row) per failed row of the shard."""
     samples: dict[str, dict[str, bytes]] = {}
@@ -125,7 +137,7 @@ def iter_webdataset_shard(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
     for key in sorted(samples):
         parts = samples[key]
         image = next((parts[c] for c in IMAGE_COLUMNS if c in parts), None)
-        meta = json.loads(parts["json"]) if "json" in parts else {}
+        meta = _metadata(path, key, parts.get("json"))
         caption = parts["txt"].decode("utf-8", errors="replace") if "txt" in parts else meta.get("caption")
         if image is None:
             continue
