@@ -130,3 +130,18 @@ def test_https_untrusted_certificate_is_rejected(tls_server, tmp_path, monkeypat
     assert result.reason == "connect"
     assert "CERTIFICATE_VERIFY_FAILED" in result.detail
     assert tls_server.request_hosts == []
+
+
+def test_https_keep_alive_reuses_connection(tls_server, monkeypatch):
+    # TLS 1.3 servers send session tickets after the handshake. Once read, they must not make an
+    # idle connection look like it has unread input, so three fetches share one handshake.
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_server.cert_path))
+    port = tls_server.server_address[1]
+    config = FetchConfig(allow_networks=("127.0.0.0/8",), retries=0, deadline=10.0)
+    fetcher = Fetcher(config, resolver=lambda host, port: ["127.0.0.1"])
+
+    results = [fetcher.fetch(f"https://{HOST}:{port}/cat{i}.jpg") for i in range(3)]
+    fetcher.close()
+
+    assert [result.body for result in results] == [BODY] * 3
+    assert tls_server.server_names == [HOST]
