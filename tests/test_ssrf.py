@@ -102,6 +102,9 @@ BLOCKED_LITERALS = [
     "http://[fd00:ec2::254]/latest/meta-data/",  # AWS IPv6 metadata
     "http://[ff02::1]/a.jpg",
     "http://[2001:db8::1]/a.jpg",
+    "http://[fec0::1]/a.jpg",  # deprecated site-local, which Python 3.11.7's ipaddress calls global
+    "http://[3fff::1]/a.jpg",  # documentation prefix of 2024, unknown to Python 3.11.7
+    "http://192.0.0.8/a.jpg",  # IETF protocol assignments, global in Python 3.11.7 outside 192.0.0.0/29
     "http://[::ffff:127.0.0.1]/a.jpg",
     "http://[::ffff:7f00:1]/a.jpg",
     "http://[::ffff:169.254.169.254]/a.jpg",

@@ -188,16 +188,28 @@ def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
     return found
 
 
+# Non-public ranges that some Python versions' ipaddress tables call global (3.11.7 does for the
+# two IPv6 ranges and most of 192.0.0.0/24), so the guard does not depend on the patch level.
+_EXTRA_BLOCKED = (
+    ipaddress.IPv4Network("192.0.0.0/24"),  # IETF protocol assignments (RFC 6890)
+    ipaddress.IPv6Network("fec0::/10"),  # deprecated site-local addresses (RFC 3879)
+    ipaddress.IPv6Network("3fff::/20"),  # documentation (RFC 9637)
+)
+
+
 def is_blocked_ip(ip: IPAddress) -> bool:
     """Return True for addresses a public crawler must not reach.
 
     Blocked: loopback, private, link-local (169.254.0.0/16 holds cloud metadata endpoints),
     multicast, reserved, unspecified, shared (100.64.0.0/10) and every other range Python's
-    ``ipaddress`` does not call global, plus IPv6 addresses whose embedded IPv4 is blocked.
+    ``ipaddress`` does not call global, the ``_EXTRA_BLOCKED`` ranges, and IPv6 addresses whose
+    embedded IPv4 is blocked.
     """
     if isinstance(ip, ipaddress.IPv6Address):
         if any(is_blocked_ip(v4) for v4 in embedded_ipv4(ip)):
             return True
+    if any(ip.version == network.version and ip in network for network in _EXTRA_BLOCKED):
+        return True
     return (
         ip.is_loopback
         or ip.is_private
