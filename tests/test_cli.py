@@ -71,6 +71,8 @@ def test_curate_blocks_loopback_without_allow_network(tmp_path, serve_folder, sh
         ("--deadline", "-1", "must be greater than 0"),
         ("--allow-network", "notacidr", "not a network in CIDR form"),
         ("--downscale-interpolation", "cubic", "invalid choice: 'cubic'"),
+        ("--jpeg-quality", "0", "must be 1 to 100"),
+        ("--webp-quality", "101", "must be 1 to 100"),
     ],
 )
 def test_invalid_option_values_are_usage_errors(tmp_path, capsys, option, value, message):
@@ -85,7 +87,7 @@ def test_unknown_option_is_an_error(tmp_path, caplog):
     manifest.write_text("url,caption\nhttp://127.0.0.1:9/a.jpg,a cat\n", encoding="utf-8")
     code = main(["curate", str(manifest), "--output", str(tmp_path / "out"), "--min-image-sise", "5000"])
     assert code == 2
-    assert "unrecognized arguments: --min_image_sise" in caplog.text
+    assert "unrecognized arguments: --min-image-sise (neither" in caplog.text
     assert not (tmp_path / "out").exists()
 
 

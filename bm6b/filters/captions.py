@@ -237,15 +237,15 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
         "rejected as caption_filtered or unsupported_language.",
     )
     group.add_argument("--min-zh-chars", type=int, default=defaults.min_zh_chars,
-                       help="minimum Chinese caption length in Han characters plus Latin words")
+                       help="minimum Chinese caption length in Han characters plus Latin words (default: %(default)s)")
     group.add_argument("--max-zh-chars", type=int, default=defaults.max_zh_chars,
-                       help="maximum Chinese caption length in Han characters plus Latin words")
-    group.add_argument("--min-en-words", type=int, default=defaults.min_en_words, help="minimum English caption words")
+                       help="maximum Chinese caption length in Han characters plus Latin words (default: %(default)s)")
+    group.add_argument("--min-en-words", type=int, default=defaults.min_en_words, help="minimum English caption words (default: %(default)s)")
     group.add_argument("--min-en-chars", type=int, default=defaults.min_en_chars,
-                       help="minimum English caption characters, spaces excluded")
-    group.add_argument("--max-en-words", type=int, default=defaults.max_en_words, help="maximum English caption words")
+                       help="minimum English caption characters, spaces excluded (default: %(default)s)")
+    group.add_argument("--max-en-words", type=int, default=defaults.max_en_words, help="maximum English caption words (default: %(default)s)")
     group.add_argument("--max-special-char-ratio", type=float, default=defaults.max_special_char_ratio,
-                       help="maximum share of symbols other than sentence punctuation")
+                       help="maximum share of symbols other than sentence punctuation (default: %(default)s)")
     group.add_argument("--min-lid-confidence", action="append", default=[], metavar="LANG=P",
                        help="minimum language-ID probability for zh, en or one label such as yue "
                        f"(repeatable; defaults {defaults.min_lid_confidence})")
@@ -258,16 +258,16 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--convert-traditional", action="store_true",
                        help="convert traditional Chinese captions to simplified with OpenCC t2s")
     group.add_argument("--max-caption-repeats", type=int, default=defaults.max_caption_repeats,
-                       help="drop captions seen in more than this many rows of the run (0: off)")
+                       help="drop captions seen in more than this many rows of the run (0: off) (default: %(default)s)")
     group.add_argument("--translate-check", action="store_true",
                        help="reject samples whose zh and en captions are not translations of each other "
                        "(translation_mismatch); leave it off for sources whose captions were written independently")
     group.add_argument("--translate-threshold", type=float, default=defaults.translate_threshold,
-                       help="minimum combined translate-check score, 0 to 1")
+                       help="minimum combined translate-check score, 0 to 1 (default: %(default)s)")
     group.add_argument("--translate-embedding-model", metavar="MODULE:CALLABLE",
                        help="factory returning a text encoder whose cosine joins the translate-check score")
     group.add_argument("--translate-embedding-weight", type=float, default=0.0,
-                       help="logistic weight of the embedding cosine in the translate-check score")
+                       help="logistic weight of the embedding cosine in the translate-check score (default: %(default)s)")
 
 
 def _pairs(values: list[str], option: str) -> dict[str, str]:

@@ -41,6 +41,13 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def quality(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be 1 to 100, got {text}")
+    return value
+
+
 def cidr(text: str) -> str:
     try:
         ipaddress.ip_network(text, strict=False)
@@ -73,7 +80,7 @@ def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
     fetch.add_argument("--min-throughput", type=non_negative_float, default=FetchConfig.min_throughput,
                        help="bytes per second below which a transfer is cut off as too_slow after "
                        f"{FetchConfig.throughput_grace:g}s; 0 disables (default: %(default)s)")
-    fetch.add_argument("--max-redirects", type=non_negative_int, default=FetchConfig.max_redirects, help="(default: %(default)s)")
+    fetch.add_argument("--max-redirects", type=non_negative_int, default=FetchConfig.max_redirects, help="redirects followed per URL, each hop checked by the SSRF guard (default: %(default)s)")
     fetch.add_argument("--retries", type=non_negative_int, default=FetchConfig.retries,
                        help="extra attempts for DNS, connect, timeout, reset, 429 and 5xx failures, with exponential "
                        "backoff and jitter; Retry-After is honoured (default: %(default)s)")
@@ -99,13 +106,13 @@ def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CIDR",
         help="exempt a network from the SSRF guard, e.g. 127.0.0.0/8 for a local test server (repeatable)",
     )
-    fetch.add_argument("--download-threads", type=positive_int, default=16, help="concurrent downloads per worker")
+    fetch.add_argument("--download-threads", type=positive_int, default=16, help="concurrent downloads per worker (default: %(default)s)")
     fetch.add_argument("--retry-failed", metavar="PREVIOUS_OUTPUT",
                        help="re-run only the samples that PREVIOUS_OUTPUT rejected for a retryable reason (dns, connect, "
                        "timeout, reset, too_slow, http_429, http_5xx, host_failing); pass the same column options")
 
     image = parser.add_argument_group("images")
-    image.add_argument("--image-size", type=positive_int, default=ImageConfig.image_size, help="target size in pixels")
+    image.add_argument("--image-size", type=positive_int, default=ImageConfig.image_size, help="output size in pixels, applied as --resize-mode says (default: %(default)s)")
     image.add_argument("--resize-mode", default=ImageConfig.resize_mode, choices=list(RESIZE_MODES),
                        help="keep_ratio: shorter side becomes --image-size; keep_ratio_largest: longer side does; "
                        "center_crop: shorter side, then the centre square; border: longer side, then padded to a "
@@ -120,14 +127,18 @@ def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
                        "(default: %(default)s)")
     image.add_argument("--encode-format", default=ImageConfig.encode_format, choices=list(ENCODE_FORMATS),
                        help="stored image format (default: %(default)s)")
-    image.add_argument("--jpeg-quality", type=int, default=ImageConfig.jpeg_quality, help="(default: %(default)s)")
-    image.add_argument("--webp-quality", type=int, default=ImageConfig.webp_quality, help="(default: %(default)s)")
+    image.add_argument("--jpeg-quality", type=quality, default=ImageConfig.jpeg_quality,
+                       help="JPEG quality, 1-100, for --encode-format jpg (default: %(default)s)")
+    image.add_argument("--webp-quality", type=quality, default=ImageConfig.webp_quality,
+                       help="WebP quality, 1-100, for --encode-format webp (default: %(default)s)")
     image.add_argument("--background", default="255,255,255", metavar="R,G,B",
                        help="colour behind transparent pixels and border padding (default: %(default)s)")
     image.add_argument("--max-pixels", type=positive_int, default=ImageConfig.max_pixels,
                        help="reject images with more pixels as decompression_bomb (default: %(default)s)")
-    image.add_argument("--min-image-size", type=non_negative_int, default=0, help="reject images whose shorter side is smaller")
-    image.add_argument("--max-aspect-ratio", type=non_negative_float, default=0.0, help="reject longer/shorter above this (0: off)")
+    image.add_argument("--min-image-size", type=non_negative_int, default=0, help="reject images whose shorter side has fewer pixels as too_small; 0: off "
+                       "(default: %(default)s; the bm6b-default recipe sets 64)")
+    image.add_argument("--max-aspect-ratio", type=non_negative_float, default=0.0, help="reject images whose longer/shorter side ratio is above this as bad_aspect_ratio; 0: off "
+                       "(default: %(default)s; the bm6b-default recipe sets 3.0)")
 
     clip = parser.add_argument_group(
         "CLIP score",
@@ -167,7 +178,8 @@ def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
     add_dedup_arguments(parser)
 
     out = parser.add_argument_group("output")
-    out.add_argument("--samples-per-shard", type=positive_int, default=10_000)
+    out.add_argument("--samples-per-shard", type=positive_int, default=10_000,
+                     help="samples per WebDataset tar and Parquet file (default: %(default)s)")
     out.add_argument("--overwrite", action="store_true", help="replace curate output already in --output")
 
 

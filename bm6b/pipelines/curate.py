@@ -193,7 +193,12 @@ def pipeline_options(beam_args: list[str] | None) -> PipelineOptions:
     with_unknown = options.get_all_options(retain_unknown_options=True)
     unknown = sorted(set(with_unknown) - set(options.get_all_options()))
     if unknown:
-        flags = ", ".join("--" + name for name in unknown)
+        # Beam reports option names with underscores; echo the flags as the user spelled them.
+        spelled = {}
+        for arg in beam_args or []:
+            if arg.startswith("-"):
+                spelled.setdefault(arg.lstrip("-").split("=", 1)[0].replace("-", "_"), arg.split("=", 1)[0])
+        flags = ", ".join(spelled.get(name, "--" + name) for name in unknown)
         raise ValueError(f"unrecognized arguments: {flags} (neither bm6b nor Apache Beam has these options)")
     standard = options.view_as(StandardOptions)
     if not standard.runner:

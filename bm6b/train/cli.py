@@ -148,6 +148,9 @@ def register(subparsers) -> None:
     evaluation = subparsers.add_parser(
         "eval",
         help="zero-shot retrieval R@1/5/10 on held-out shards, separately for zh and en",
+        description="Embed every image and caption of the held-out shards and report image-to-text and "
+        "text-to-image recall at 1, 5 and 10, once with the zh captions and once with the en captions. "
+        "Captions of the same photo (same sha256) count as one image.",
     )
     evaluation.add_argument("--shards", nargs="+", required=True, help="held-out tars: paths, globs or brace patterns")
     evaluation.add_argument("--checkpoint", help="checkpoint written by `bm6b train` (its model and tokenizer are used)")
