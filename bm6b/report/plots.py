@@ -50,6 +50,14 @@ def _missing(name: str, title: str, note: str) -> Figure:
 # ---------------------------------------------------------------- funnel
 
 
+LANGUAGE_FUNNEL_NOTE = (
+    "The zh (en) series counts rows that carry a Chinese (English) caption: a rejected row when its input had "
+    "one, a kept row when it still has one. A kept row whose caption of that language a caption rule dropped "
+    "(listed in its caption_issues) is not counted for that language at any stage, so the zh and en inputs "
+    "can be lower than the manifest's caption counts. Rows with both captions count in both."
+)
+
+
 def plot_funnel(run: rd.RunData) -> Figure:
     """Rows left after each stage, overall and for the zh and en captions, as grouped bars."""
     series = {"all": rd.funnel(run), "zh": rd.funnel(run, "zh"), "en": rd.funnel(run, "en")}
@@ -71,8 +79,7 @@ def plot_funnel(run: rd.RunData) -> Figure:
     ax.set_title("Rows remaining after each stage (all rows, rows with a zh caption, rows with an en caption)")
     ax.legend()
     values = {name: rows for name, rows in series.items()}
-    note = ("A row counts for zh (en) when its input had a Chinese (English) caption; a kept row counts when it "
-            "still has one. Rows with both captions count in both.")
+    note = LANGUAGE_FUNNEL_NOTE
     return Figure("funnel", "Funnel by stage", _to_png(fig), values, note)
 
 

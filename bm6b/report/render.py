@@ -18,7 +18,7 @@ from typing import Any
 from apache_beam.io.filesystems import FileSystems
 
 from bm6b.report import data as rd
-from bm6b.report.plots import Figure, all_figures
+from bm6b.report.plots import LANGUAGE_FUNNEL_NOTE, Figure, all_figures
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ def render_html(run: rd.RunData, figures: list[Figure]) -> str:
         _table(["", "value"], [list(row) for row in _summary_rows(run.stats, run)]),
         "<h2 id=\"funnel-table\">Funnel</h2>",
         _funnel_table(run),
+        f"<p class=\"note\">{html.escape(LANGUAGE_FUNNEL_NOTE)}</p>",
     ]
     sections.extend(_figure_html(figure) for figure in figures)
     sections.append("</body></html>")
