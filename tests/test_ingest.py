@@ -73,8 +73,8 @@ def test_bad_json_row_becomes_named_reject(tmp_path):
     reject = results[1][1]
     assert reject["stage"] == "ingest"
     assert reject["reason"] == "bad_row"
-    assert reject["detail"].startswith(f"{path} row 1: invalid JSON")
-    assert results[2][1]["detail"] == f"{path} row 2: invalid JSON: a JSON list, not an object"
+    assert reject["detail"].startswith(f"{path} source_row 1: invalid JSON")
+    assert results[2][1]["detail"] == f"{path} source_row 2: invalid JSON: a JSON list, not an object"
 
 
 def test_csv_row_with_wrong_field_count_is_rejected(tmp_path):
@@ -153,7 +153,7 @@ def test_lone_surrogate_in_json_is_bad_row(tmp_path):
     assert kind == "reject"
     assert reject["reason"] == "bad_row"
     assert reject["detail"] == (
-        f"{path} row 0: invalid cell: column 'caption_en' is not valid UTF-8 text (invalid bytes or a lone surrogate)"
+        f"{path} source_row 0: invalid cell: column 'caption_en' is not valid UTF-8 text (invalid bytes or a lone surrogate)"
     )
     assert reject["input"] == '{"url": "http://example.test/a.jpg", "caption_en": "Brick wall ? texture."}'
 
@@ -188,8 +188,8 @@ def test_non_text_cells_are_bad_rows(tmp_path):
     )
     results = read_all(path)
     assert [value.get("reason") for _, value in results] == ["bad_row", "bad_row", None]
-    assert results[0][1]["detail"] == f"{path} row 0: invalid cell: column 'caption_en' contains a dict, expected text"
-    assert results[1][1]["detail"] == f"{path} row 1: invalid cell: column 'caption_zh' contains a list, expected text"
+    assert results[0][1]["detail"] == f"{path} source_row 0: invalid cell: column 'caption_en' contains a dict, expected text"
+    assert results[1][1]["detail"] == f"{path} source_row 1: invalid cell: column 'caption_zh' contains a list, expected text"
     assert results[2][1]["caption_en"] == "1.5"
 
 
@@ -203,7 +203,7 @@ def test_long_csv_field_is_read(tmp_path):
 def test_file_named_gz_that_is_not_gzip(tmp_path):
     path = tmp_path / "m.csv.gz"
     path.write_text("url,caption\nhttp://example.test/a.jpg,a cat\n", encoding="utf-8")
-    with pytest.raises(ingest.ManifestError, match=r"m.csv.gz: unreadable from data row 0 on: BadGzipFile"):
+    with pytest.raises(ingest.ManifestError, match=r"m.csv.gz: unreadable from source_row 0 \(0-based data row\) on: BadGzipFile"):
         ingest.check_manifest(str(path), ingest.ColumnMap())
 
 

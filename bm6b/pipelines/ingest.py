@@ -113,7 +113,7 @@ class ManifestError(ValueError):
     """The manifest file cannot be read on from ``row`` (not gzip, truncated, corrupt Parquet, ...)."""
 
     def __init__(self, path: str, row: int, error: BaseException):
-        super().__init__(f"{path}: unreadable from data row {row} on: {type(error).__name__}: {error}")
+        super().__init__(f"{path}: unreadable from source_row {row} (0-based data row) on: {type(error).__name__}: {error}")
         self.path = path
         self.row = row
 
@@ -225,7 +225,7 @@ def row_to_record(source: str, row: int, fields: dict[str, Any] | str, columns: 
     key = make_key(source, row)
     if isinstance(fields, str):
         reject = {"key": key, "source": source, "source_row": row, "input": None}
-        return "reject", make_reject(reject, stage=STAGE, reason=Reason.BAD_ROW, detail=f"{source} row {row}: {fields}")
+        return "reject", make_reject(reject, stage=STAGE, reason=Reason.BAD_ROW, detail=f"{source} source_row {row}: {fields}")
 
     input_row = json.dumps(fields, ensure_ascii=False, default=str).encode("utf-8", "replace").decode("utf-8")
     try:
@@ -235,16 +235,16 @@ def row_to_record(source: str, row: int, fields: dict[str, Any] | str, columns: 
         )
     except CellError as err:
         reject = {"key": key, "source": source, "source_row": row, "input": input_row}
-        return "reject", make_reject(reject, stage=STAGE, reason=Reason.BAD_ROW, detail=f"{source} row {row}: {err}")
+        return "reject", make_reject(reject, stage=STAGE, reason=Reason.BAD_ROW, detail=f"{source} source_row {row}: {err}")
 
     base = {"key": key, "source": source, "source_row": row, "url": url, "input": input_row}
     if url is None:
-        return "reject", make_reject(base, stage=STAGE, reason=Reason.MISSING_URL, detail=f"{source} row {row}: empty URL")
+        return "reject", make_reject(base, stage=STAGE, reason=Reason.MISSING_URL, detail=f"{source} source_row {row}: empty URL")
     url = url.strip()
     parts = urllib.parse.urlsplit(url)
     if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
         return "reject", make_reject(
-            base, stage=STAGE, reason=Reason.INVALID_URL, detail=f"{source} row {row}: not an absolute http(s) URL"
+            base, stage=STAGE, reason=Reason.INVALID_URL, detail=f"{source} source_row {row}: not an absolute http(s) URL"
         )
 
     record = new_record(
