@@ -8,7 +8,7 @@ import open_clip
 import torch
 
 from bm6b.models import TINY_MODEL, register_model_configs, weights_loaded_later
-from bm6b.models.loading import load_clip
+from bm6b.models.loading import load_clip, load_transforms
 
 RANDOM_INIT = "No pretrained weights loaded for model"
 
@@ -55,4 +55,16 @@ def test_load_clip_checkpoint_skips_warning(tmp_path, caplog):
 
     with caplog.at_level(logging.WARNING):
         load_clip(TINY_MODEL)  # no checkpoint: the model really is random
+    assert len(random_init_warnings(caplog)) == 1
+
+
+def test_transforms_alone_do_not_warn(caplog):
+    # curate builds the transforms on the meta device and the scoring model separately; only the
+    # scoring model is random, so a run without weights warns once, not twice.
+    register_model_configs()
+    with caplog.at_level(logging.WARNING):
+        load_transforms(TINY_MODEL)
+    assert random_init_warnings(caplog) == []
+    with caplog.at_level(logging.WARNING):
+        load_clip(TINY_MODEL)
     assert len(random_init_warnings(caplog)) == 1

@@ -281,7 +281,8 @@ def _create_model(source: ClipSource, device: str):
         overrides["text_cfg"] = text_cfg
 
     if device == "meta":
-        with torch.device("meta"):
+        # A meta model only yields transforms; whether weights come is for load_clip to say.
+        with torch.device("meta"), weights_loaded_later():
             return open_clip.create_model(source.model_name, device="meta", load_weights=False, **overrides)
     if source.pretrained_tag:
         # NOTE: bm6b's tests resolve tags but never load one, because that needs the hub or a filled cache.
