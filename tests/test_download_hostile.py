@@ -205,3 +205,50 @@ def test_excess_body_not_reused():
     assert second.body != SMUGGLED
     assert second.body == images["next.jpg"], second.detail
     assert third.body == images["next.jpg"], third.detail
+
+
+class ZoneFileError(Exception):
+    """An exception type that no part of the fetcher expects from a resolver."""
+
+
+def test_unexpected_resolver_error_rejected(caplog):
+    def resolver(host, port):
+        raise ZoneFileError(f"cannot parse the zone of {host}")
+
+    downloader = RecordDownloader(CONFIG, ImageConfig(image_size=32), resolver=resolver)
+    records = [make_record(f"http://broken-zone.test/{i}.jpg", i) for i in range(2)]
+
+    with caplog.at_level("DEBUG", logger="bm6b.filters.download_record"):
+        outcomes = [downloader.run(record) for record in records]
+    downloader.close()
+
+    assert [reason for _, reason, _ in outcomes] == ["unexpected_error", "unexpected_error"]
+    assert outcomes[0][2] == "ZoneFileError: cannot parse the zone of broken-zone.test"
+    assert [record["key"] for record, _, _ in outcomes] == ["0000000000000000", "0000000000000001"]
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1  # the second error of the same type goes to DEBUG
+    assert warnings[0].exc_info[0] is ZoneFileError
+    assert "ZoneFileError" in warnings[0].getMessage()
+    assert downloader.unexpected_errors == {"ZoneFileError": 2}
+
+
+def test_encode_type_error_rejected_in_beam():
+    # Pillow raises TypeError for a list as JPEG quality, which process_image does not catch.
+    image = ImageConfig(image_size=32, jpeg_quality=[90])
+    records = []
+    for i in range(2):
+        record = make_record(f"http://images.test/{i}.jpg", i)
+        record.update(image=make_jpeg(color=(i, 0, 0)), prefetched=True)
+        records.append(record)
+
+    def job():
+        with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as pipeline:
+            out = pipeline | beam.Create(records) | stages.Download(CONFIG, image, threads=2)
+            kept = out.records | "Kept" >> beam.Map(lambda r: r["url"])
+            rejected = out.rejects | "Rejected" >> beam.Map(lambda r: (r["url"], r["reason"], r["detail"].split(":")[0]))
+            assert_that(kept, equal_to([]), label="CheckKept")
+            expected = [(f"http://images.test/{i}.jpg", "unexpected_error", "TypeError") for i in range(2)]
+            assert_that(rejected, equal_to(expected), label="CheckRejected")
+        return True
+
+    assert run_bounded(job, JOB_BOUND)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
+import threading
 from typing import Any, Iterable, Iterator
 
 from bm6b.filters.download import Fetcher, FetchConfig, Resolver
 from bm6b.filters.image import ImageConfig, process_image
+from bm6b.schemas.reasons import Reason
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +30,34 @@ class RecordDownloader:
     def __init__(self, fetch: FetchConfig, image: ImageConfig, resolver: Resolver | None = None):
         self.fetcher = Fetcher(fetch, resolver=resolver)
         self.image_config = image
+        # Unexpected exceptions per type name; only the first of each type is logged at WARNING.
+        self.unexpected_errors: collections.Counter = collections.Counter()
+        self._errors_lock = threading.Lock()
 
     def close(self) -> None:
         self.fetcher.close()
 
     def run(self, record: dict[str, Any]) -> Outcome:
+        """Fetch and decode one record; any exception becomes an ``unexpected_error`` reject.
+
+        The fetcher and the image code return reject reasons for every failure they know of. An
+        exception that escapes them is a bug or an input that no check covers, and must cost one
+        record, not the whole Beam bundle.
+        """
+        try:
+            return self._run(record)
+        except Exception as err:  # noqa: BLE001 - the catch-all is the point, see the docstring
+            name = type(err).__name__
+            with self._errors_lock:
+                self.unexpected_errors[name] += 1
+                first = self.unexpected_errors[name] == 1
+            # One traceback per exception type at WARNING is enough to find the bug. The repeats
+            # are in the rejects table, the counter and the DEBUG log.
+            level = logging.WARNING if first else logging.DEBUG
+            logger.log(level, "unexpected %s while downloading %s (key %s): %s", name, record.get("url"), record.get("key"), err, exc_info=True)
+            return record, Reason.UNEXPECTED_ERROR.value, f"{name}: {str(err)[:200]}"
+
+    def _run(self, record: dict[str, Any]) -> Outcome:
         if record.get(PREFETCHED):
             body = record.pop("image")
             record.pop(PREFETCHED)

@@ -33,6 +33,9 @@ class Reason(str, enum.Enum):
     BLOCKED_ADDRESS = "blocked_address"  # SSRF guard: loopback, private, link-local, ... address
     UNSUPPORTED_SCHEME = "unsupported_scheme"  # not http or https
     HOST_FAILING = "host_failing"  # the host's circuit breaker is open after repeated failures
+    # An exception of a type that no check expects, raised while fetching or decoding. The detail
+    # names the type. It points to a bug, so the "retry failed" mode does not re-run it.
+    UNEXPECTED_ERROR = "unexpected_error"
 
     # decode
     EMPTY_BODY = "empty_body"
