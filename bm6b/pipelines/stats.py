@@ -88,10 +88,11 @@ def write_stats(output: str, stats: dict[str, Any]) -> None:
 
 def format_funnel(stats: dict[str, Any]) -> str:
     """Return the per-stage funnel as a small text table for the terminal."""
-    lines = [f"{'stage':<18}{'in':>9}{'out':>9}  rejected"]
+    width = max([len("stage")] + [len(stage["stage"]) for stage in stats["stages"]]) + 2
+    lines = [f"{'stage':<{width}}{'in':>9}{'out':>9}  rejected"]
     for stage in stats["stages"]:
         reasons = ", ".join(f"{k}={v}" for k, v in stage["rejected"].items()) or "-"
-        lines.append(f"{stage['stage']:<18}{stage['in']:>9}{stage['out']:>9}  {reasons}")
+        lines.append(f"{stage['stage']:<{width}}{stage['in']:>9}{stage['out']:>9}  {reasons}")
     lines.append(
         f"kept {stats['kept']} of {stats['input_rows']} rows in {stats['shards']} shard(s); "
         f"captions zh={stats['captions']['zh']} en={stats['captions']['en']} both={stats['captions']['both']}"
