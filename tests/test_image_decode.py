@@ -121,6 +121,29 @@ def test_torture_file_outcome(dirty, name):
         assert result.detail
 
 
+# Decoded files whose pixels differ from a plain upright RGB conversion on purpose; each kind has
+# its own test below (alpha or a colour key on the background, sRGB conversion, 16-bit scaling,
+# CMYK, the first frame of an animation).
+SPECIAL_PIXELS = {
+    "1_trns.png", "apng_mode_16bit.png", "chi.gif", "dispose_bgnd_transparency.gif", "icc_profile_big.jpg",
+    "iss634.gif", "iss634.webp", "l_trns.png", "p_trns_single.png", "pil123p.png", "pil_sample_cmyk.jpg",
+    "rgb_trns.png", "tiny.png", "transparent.gif", "transparent.png",
+}
+
+
+@pytest.mark.parametrize("name", sorted(n for n, reason in EXPECTED.items() if reason is None and n not in SPECIAL_PIXELS))
+def test_torture_file_pixels(dirty, name):
+    """The other decodable files match Pillow's own upright RGB conversion of the whole image."""
+    from PIL import ImageOps
+
+    with Image.open(dirty / name) as reference:
+        reference = ImageOps.exif_transpose(reference).convert("RGB")
+    image, _, _ = decode_image(read(dirty, name), NO_RESIZE)
+
+    assert image.size == reference.size
+    assert np.abs(pixels(image) - pixels(reference)).max() <= 1
+
+
 # ---------------------------------------------------------------- orientation
 
 
@@ -206,7 +229,7 @@ def test_rgba_composited_on_background(dirty, background):
     assert np.abs(pixels(image) - expected).max() <= 1
 
 
-@pytest.mark.parametrize("name", ["p_trns_single.png", "transparent.gif", "pil123p.png"])
+@pytest.mark.parametrize("name", ["p_trns_single.png", "transparent.gif", "pil123p.png", "tiny.png"])
 def test_palette_transparency_uses_background(dirty, name):
     raw = Image.open(dirty / name)
     indices = np.asarray(raw)
