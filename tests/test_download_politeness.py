@@ -343,3 +343,81 @@ def test_keep_alive_reuses_connections(server):
 
     assert all(r.ok for r in results)
     assert server.connections == 1
+
+
+class StuckResolver:
+    """A resolver whose lookups block until ``release`` is set, like a name server that never responds."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, host: str, port: int) -> list[str]:
+        with self.lock:
+            self.calls += 1
+        self.release.wait(30)
+        return ["127.0.0.1"]
+
+
+@pytest.fixture
+def stuck_resolver():
+    resolver = StuckResolver()
+    yield resolver
+    resolver.release.set()  # lets the abandoned lookup threads end
+
+
+def test_stuck_lookup_ends_at_deadline(stuck_resolver):
+    fetcher = Fetcher(FetchConfig(retries=2, deadline=0.5, breaker_failures=0), resolver=stuck_resolver)
+
+    started = time.monotonic()
+    result = fetcher.fetch("http://stuck-dns.test/a.jpg")
+    elapsed = time.monotonic() - started
+
+    assert result.reason == "dns"
+    assert result.detail.startswith("stuck-dns.test: lookup timed out after 0.5s")
+    assert 0.5 <= elapsed < 0.5 + 0.3
+    assert stuck_resolver.calls == 1
+
+
+def test_stuck_lookups_share_one_query(stuck_resolver):
+    # Four URLs of one host: one lookup runs, and the three threads queued behind it stop
+    # waiting at their own deadlines.
+    fetcher = Fetcher(FetchConfig(retries=0, deadline=0.5, breaker_failures=0), resolver=stuck_resolver)
+
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(fetcher.fetch, [f"http://stuck-dns.test/{i}.jpg" for i in range(4)]))
+    elapsed = time.monotonic() - started
+
+    assert [r.reason for r in results] == ["dns"] * 4
+    assert elapsed < 0.5 + 0.3
+    assert stuck_resolver.calls == 1
+
+
+def test_stuck_lookups_open_circuit(stuck_resolver):
+    fetcher = Fetcher(FetchConfig(retries=0, deadline=0.3, breaker_failures=2, breaker_cooldown=600), resolver=stuck_resolver)
+
+    reasons = [fetcher.fetch(f"http://stuck-dns.test/{i}.jpg").reason for i in range(4)]
+
+    assert reasons == ["dns", "dns", "host_failing", "host_failing"]
+    assert stuck_resolver.calls == 1  # the second fetch waits for the first, still running lookup
+
+
+def test_lookup_time_counts_in_deadline(server):
+    # A lookup that takes 0.4 s of a 0.6 s deadline leaves 0.2 s for a response that needs 0.5 s.
+    server.delay_paths["/img/1.jpg"] = 0.5
+
+    def slow_resolver(host, port):
+        time.sleep(0.4)
+        return ["127.0.0.1"]
+
+    config = FetchConfig(retries=0, deadline=0.6, breaker_failures=0, allow_networks=("127.0.0.0/8",))
+    fetcher = Fetcher(config, resolver=slow_resolver)
+
+    started = time.monotonic()
+    result = fetcher.fetch(f"http://slow-dns.test:{server.port}/img/1.jpg")
+    elapsed = time.monotonic() - started
+
+    assert result.reason == "timeout"
+    assert elapsed < 0.6 + 0.3

@@ -9,14 +9,16 @@ address itself, so a second DNS answer cannot move the connection elsewhere. Lit
 spelling (decimal ``2130706433``, octal ``0177.0.0.1``, hex, short ``127.1``, IPv6 with embedded
 IPv4) are parsed here the way resolvers and browsers read them, and checked the same way.
 
-Time: ``deadline`` bounds the whole fetch of one URL (redirects, retries and backoff waits
-included) from the moment its first request slot is granted; a watchdog shuts the socket down
-when it passes, so slow headers or a trickling body cannot hold a thread. Waiting for a
-politeness slot is bounded separately by ``host_wait``.
+Time: ``deadline`` bounds the whole fetch of one URL (DNS lookups, redirects, retries and backoff
+waits included) except the wait for a politeness slot, which ``host_wait`` bounds separately. A
+watchdog shuts the socket down when the deadline passes, so slow headers or a trickling body
+cannot hold a thread. Lookups run on their own threads, and a fetch stops waiting for one when
+its deadline passes, so a stuck resolver cannot hold a thread either.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import email.utils
 import heapq
@@ -81,6 +83,9 @@ class FetchConfig:
     breaker_failures: int = 8  # consecutive host failures that open its circuit (0: off)
     breaker_cooldown: float = 60.0  # seconds a host's circuit stays open
     dns_cache_ttl: float = 300.0  # seconds a successful lookup is reused
+    # Simultaneous DNS lookups per fetcher. A lookup that outlives its fetch's deadline keeps its
+    # slot until the resolver returns, so stuck lookups can use up the slots.
+    dns_concurrency: int = 32
     keep_alive: bool = True  # reuse connections to the same checked address
 
 
@@ -511,6 +516,10 @@ class Fetcher:
         self._dns: dict[tuple[str, int], tuple[float, list[str]]] = {}
         self._dns_locks: dict[tuple[str, int], threading.Lock] = {}
         self._dns_lock = threading.Lock()
+        self._lookup_slots = threading.BoundedSemaphore(max(1, cfg.dns_concurrency))
+        # The latest lookup of each (host, port) until it has finished, so that a lookup which
+        # outlived one fetch's deadline is waited for by the next fetch, not started again.
+        self._lookups: dict[tuple[str, int], concurrent.futures.Future] = {}
 
     def close(self) -> None:
         self.pool.close()
@@ -569,10 +578,13 @@ class Fetcher:
 
     # -------------------------------------------------------- one request
 
-    def _target(self, url: str) -> tuple[urllib.parse.SplitResult, str, int, str]:
-        """Validate a URL and return (parts, host, port, checked address); raises _Failure."""
+    def _target(self, url: str, timeout: float) -> tuple[urllib.parse.SplitResult, str, int, str]:
+        """Validate a URL and return (parts, host, port, checked address); raises _Failure.
+
+        ``timeout`` bounds the DNS lookup in seconds.
+        """
         parts, host, port = self._split(url)
-        return parts, host, port, self._address(host, port)
+        return parts, host, port, self._address(host, port, timeout)
 
     def _split(self, url: str) -> tuple[urllib.parse.SplitResult, str, int]:
         """Validate a URL's scheme and host and return (parts, host, port); raises _Failure."""
@@ -595,8 +607,11 @@ class Fetcher:
             raise _Failure(Reason.INVALID_URL, f"{host[:200]!r}: invalid character in host name")
         return parts, host, port
 
-    def _address(self, host: str, port: int) -> str:
-        """Resolve ``host`` unless it is an IP literal, check every address and return the first."""
+    def _address(self, host: str, port: int, timeout: float) -> str:
+        """Resolve ``host`` unless it is an IP literal, check every address and return the first.
+
+        ``timeout`` bounds the DNS lookup in seconds.
+        """
         try:
             # IDNA maps fullwidth digits and dots and the ideographic full stop to ASCII, so
             # "１２７。０。０。１" is the literal 127.0.0.1 and never goes to the resolver.
@@ -608,7 +623,7 @@ class Fetcher:
         if literal is not None:
             addresses = [str(literal)]
         else:
-            addresses = self._resolve(host, port)
+            addresses = self._resolve(host, port, timeout)
 
         for address in addresses:
             try:
@@ -617,21 +632,44 @@ class Fetcher:
                 raise _Failure(Reason.BLOCKED_ADDRESS, f"{host}: {err}") from err
         return addresses[0]
 
-    def _resolve(self, host: str, port: int) -> list[str]:
+    def _resolve(self, host: str, port: int, timeout: float) -> list[str]:
+        """Return the addresses of ``host``, waiting at most ``timeout`` seconds; raises _Failure.
+
+        A lookup that does not finish in time ends with the ``dns`` reason, not ``timeout``: the
+        name server, not the web server, failed, and the rejects table keeps the two apart. Both
+        reasons count towards the host's circuit breaker.
+        """
+        try:
+            ascii_host = host.encode("idna").decode("ascii")
+        except UnicodeError as err:
+            raise _Failure(Reason.INVALID_URL, f"{host!r}: invalid host name ({err})") from err
+        started = time.monotonic()
         key = (host, port)
         with self._dns_lock:
             lock = self._dns_locks.setdefault(key, threading.Lock())
         # One lookup per host at a time: a burst of URLs on one host makes one DNS query.
-        with lock:
+        if not lock.acquire(timeout=max(0.0, timeout)):
+            self.breaker.record_failure(host)
+            raise _Failure(Reason.DNS, f"{host}: lookup timed out after {timeout:.1f}s (waiting for another lookup of the host)")
+        future = None
+        try:
             cached = self._dns.get(key)
             if cached is not None and cached[0] > time.monotonic():
                 return cached[1]
             # Threads queued behind failed lookups of this host stop here once its circuit is open.
             self._check_circuit(host)
+            future = self._lookups.get(key)
             try:
-                addresses = self.resolver(host.encode("idna").decode("ascii"), port)
+                if future is None or future.done():
+                    future = self._lookups[key] = self._start_lookup(ascii_host, port, timeout - (time.monotonic() - started))
+                addresses = future.result(timeout=max(0.0, timeout - (time.monotonic() - started)))
             except UnicodeError as err:
                 raise _Failure(Reason.INVALID_URL, f"{host!r}: invalid host name ({err})") from err
+            except TimeoutError as err:
+                # TimeoutError is a subclass of OSError, so it must be caught first.
+                self.breaker.record_failure(host)
+                cause = f" ({err})" if str(err) else ""
+                raise _Failure(Reason.DNS, f"{host}: lookup timed out after {timeout:.1f}s{cause}") from err
             except OSError as err:
                 self.breaker.record_failure(host)
                 raise _Failure(Reason.DNS, f"{host}: {err}") from err
@@ -640,6 +678,32 @@ class Fetcher:
                 raise _Failure(Reason.DNS, f"{host}: no address")
             self._dns[key] = (time.monotonic() + self.config.dns_cache_ttl, addresses)
             return addresses
+        finally:
+            if future is not None and future.done():
+                self._lookups.pop(key, None)
+            lock.release()
+
+    def _start_lookup(self, host: str, port: int, timeout: float) -> concurrent.futures.Future:
+        """Start the resolver on a daemon thread and return the future of its addresses.
+
+        ``socket.getaddrinfo`` has no timeout of its own, so callers wait on the future with one.
+        The thread is a daemon, so a resolver that never returns cannot keep the process from
+        exiting. Raises TimeoutError when no lookup slot frees up within ``timeout`` seconds.
+        """
+        if not self._lookup_slots.acquire(timeout=max(0.0, timeout)):
+            raise TimeoutError(f"all {self.config.dns_concurrency} lookup slots are busy")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(self.resolver(host, port))
+            except BaseException as err:  # noqa: BLE001 - handed to the waiting thread
+                future.set_exception(err)
+            finally:
+                self._lookup_slots.release()
+
+        threading.Thread(target=run, name=f"bm6b-dns-{host}", daemon=True).start()
+        return future
 
     def _check_circuit(self, host: str) -> None:
         """Raise _Failure(HOST_FAILING) while the host's circuit breaker is open."""
@@ -650,15 +714,20 @@ class Fetcher:
 
     def _fetch_hop(self, url: str, deadline: _Deadline | None) -> tuple[_Hop, _Deadline | None]:
         cfg = self.config
+        # Before the first request slot there is no deadline yet. The first lookup may use the
+        # whole budget, and its time is taken off the deadline that starts with the slot.
+        lookup_started = time.monotonic()
+        lookup_budget = cfg.deadline if deadline is None else max(0.0, deadline.remaining())
         try:
             parts, host, port = self._split(url)
             # The circuit is checked before the DNS lookup, so a host whose name server keeps
             # failing or timing out costs no more lookups while it is open.
             self._check_circuit(host)
-            address = self._address(host, port)
+            address = self._address(host, port, lookup_budget)
         except _Failure as failure:
             return _Hop(FetchResult(url, reason=failure.reason, detail=failure.detail)), deadline
 
+        lookup_seconds = time.monotonic() - lookup_started
         if self.robots is not None:
             answer = self.robots.check(url)
             if not answer.allowed:
@@ -668,7 +737,7 @@ class Fetcher:
         try:
             with self.limiter.slot(host, wait):
                 if deadline is None:
-                    deadline = _Deadline(time.monotonic() + cfg.deadline)
+                    deadline = _Deadline(time.monotonic() + cfg.deadline - lookup_seconds)
                     _WATCHDOG.watch(deadline)
                 hop = self._request(url, parts, host, port, address, deadline)
         except HostBusy as err:
@@ -893,7 +962,7 @@ class Fetcher:
             current = robots_url
             for _ in range(cfg.max_redirects + 1):
                 try:
-                    parts, host, port, address = self._target(current)
+                    parts, host, port, address = self._target(current, max(0.0, deadline.remaining()))
                 except _Failure as failure:
                     return None, None, failure.reason, failure.detail
                 hop = self._request(current, parts, host, port, address, deadline, body_cap=ROBOTS_MAX_BYTES, sniff=False, truncate=True)
