@@ -16,6 +16,7 @@ from bm6b.filters.download import FetchConfig
 from bm6b.filters.image import ImageConfig
 from bm6b.pipelines.curate import CurateConfig, run_curate
 from bm6b.pipelines.img2dataset_input import iter_shard, reason_from_error
+from bm6b.pipelines.retry_failed import record_from_reject
 from tests.download_servers import HostileServer, make_noise_jpeg
 
 CAPTIONS = [
@@ -182,3 +183,111 @@ def test_img2dataset_broken_json_keeps_sample(tmp_path):
     assert [record["url"] for _, record in outcomes] == ["http://images.test/0.jpg", None, "http://images.test/2.jpg"]
     assert [record["image"] for _, record in outcomes] == images
     assert [record["captions"] for _, record in outcomes] == [["caption 0"], ["caption 1"], ["caption 2"]]
+
+
+def write_webdataset_shard(path, count: int) -> dict[str, dict[str, int]]:
+    """Write ``count`` samples the way img2dataset 1.47 does (KEY.jpg, KEY.json, KEY.txt per sample).
+
+    Returns each member's header and data offsets by name, for cutting the file at chosen bytes.
+    """
+    with tarfile.open(path, "w") as tar:
+        for index in range(count):
+            key = f"{index:09d}"
+            meta = json.dumps({"url": f"http://images.test/{index}.jpg", "key": key}).encode()
+            for extension, data in (("jpg", make_noise_jpeg(index)), ("json", meta), ("txt", f"caption {index}".encode())):
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tar:
+        return {m.name: {"header": m.offset, "data": m.offset_data} for m in tar.getmembers()}
+
+
+def write_shard_metadata(path, rows: list[tuple[str, str]]) -> None:
+    """Write the metadata parquet img2dataset puts next to a tar: one (key, status) row per input row."""
+    table = pa.table({
+        "url": [f"http://images.test/{int(key)}.jpg" for key, _ in rows],
+        "caption": [f"caption {int(key)}" for key, _ in rows],
+        "key": [key for key, _ in rows],
+        "status": [status for _, status in rows],
+        "error_message": [None if status == "success" else "HTTP Error 404: Not Found" for _, status in rows],
+    })
+    pq.write_table(table, path)
+
+
+# Where the tar of three samples is cut: (member, field, bytes past it), or None to keep it whole.
+CUTS = {
+    "intact": None,
+    "image_data": ("000000001.jpg", "data", 100),  # inside sample 1's image bytes
+    "header_with_name": ("000000001.json", "header", 200),  # the NUL-terminated name is in the first 100 bytes
+    "header_without_name": ("000000001.json", "header", 5),  # only "00000" of the name
+}
+
+
+@pytest.mark.parametrize(
+    "cut, kept_keys, truncated_keys",
+    [
+        ("intact", ["000000000", "000000001", "000000002"], []),
+        ("image_data", ["000000000"], ["000000001"]),
+        ("header_with_name", ["000000000"], ["000000001"]),
+        ("header_without_name", ["000000000", "000000001"], []),
+    ],
+)
+def test_truncated_tar_without_metadata(tmp_path, caplog, cut, kept_keys, truncated_keys):
+    shard = tmp_path / "00000.tar"
+    offsets = write_webdataset_shard(shard, 3)
+    if CUTS[cut] is not None:
+        member, field, extra = CUTS[cut]
+        cut_at = offsets[member][field] + extra
+        os.truncate(shard, cut_at)
+
+    with caplog.at_level("WARNING", logger="bm6b.pipelines.img2dataset_input"):
+        outcomes = list(iter_shard(str(shard)))
+
+    records = [value for kind, value in outcomes if kind == "record"]
+    rejects = [value for kind, value in outcomes if kind == "reject"]
+    assert [r["image"] for r in records] == [make_noise_jpeg(int(key)) for key in kept_keys]
+    assert [(r["reason"], r["detail"].split(":")[0]) for r in rejects] == [("truncated_shard", f"sample {k}") for k in truncated_keys]
+    if CUTS[cut] is None:
+        assert caplog.records == []
+    else:
+        header = offsets[CUTS[cut][0]]["header"]
+        assert len(caplog.records) == 1
+        message = caplog.records[0].getMessage()
+        assert str(shard) in message
+        assert f"at byte {header} of {cut_at}" in message
+
+
+@pytest.mark.parametrize(
+    "cut, kept_keys, truncated_keys",
+    [
+        ("intact", ["000000000", "000000001", "000000002"], []),
+        ("image_data", ["000000000"], ["000000001", "000000002"]),
+        ("header_with_name", ["000000000"], ["000000001", "000000002"]),
+        ("header_without_name", ["000000000", "000000001"], ["000000002"]),
+    ],
+)
+def test_truncated_tar_with_metadata(tmp_path, cut, kept_keys, truncated_keys):
+    # The parquet lists every sample: the three in the tar and a failed fourth. Each key must end
+    # in exactly one record or one reject, with the URL the parquet gives it.
+    shard = tmp_path / "00000.tar"
+    offsets = write_webdataset_shard(shard, 3)
+    write_shard_metadata(tmp_path / "00000.parquet", [("000000000", "success"), ("000000001", "success"),
+                                                     ("000000002", "success"), ("000000003", "failed_to_download")])
+    if CUTS[cut] is not None:
+        member, field, extra = CUTS[cut]
+        os.truncate(shard, offsets[member][field] + extra)
+
+    outcomes = list(iter_shard(str(shard)))
+
+    url = "http://images.test/{}.jpg".format
+    records = [value for kind, value in outcomes if kind == "record"]
+    rejects = [value for kind, value in outcomes if kind == "reject"]
+    assert [r["url"] for r in records] == [url(int(key)) for key in kept_keys]
+    assert [r["captions"] for r in records] == [[f"caption {int(key)}"] for key in kept_keys]
+    expected_rejects = [(url(int(key)), "truncated_shard") for key in truncated_keys] + [(url(3), "http_404")]
+    assert sorted((r["url"], r["reason"]) for r in rejects) == sorted(expected_rejects)
+    assert len({r["key"] for r in records + rejects}) == len(outcomes)  # every outcome has its own key
+    for reject in rejects:
+        if reject["reason"] == "truncated_shard":
+            kind, retried = record_from_reject(reject, columns=None)  # what --retry-failed fetches again
+            assert (kind, retried["url"], retried["captions"]) == ("record", reject["url"], [f"caption {reject['url'][-5]}"])

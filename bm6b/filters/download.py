@@ -51,8 +51,9 @@ DEFAULT_USER_AGENT = "bm6b/0.1 (+https://github.com/bm6b/bm6b; image-text datase
 READ_CHUNK = 64 * 1024
 
 # Failures that count towards a host's circuit breaker: the host, not the URL, looks unwell. They
-# are the retryable reasons except the breaker's own host_failing.
-_HOST_FAILURES = RETRYABLE - {Reason.HOST_FAILING.value}
+# are the retryable reasons except the breaker's own host_failing and truncated_shard, which only
+# the img2dataset reader returns.
+_HOST_FAILURES = RETRYABLE - {Reason.HOST_FAILING.value, Reason.TRUNCATED_SHARD.value}
 # Failures worth another attempt inside the same fetch.
 _RETRY_IN_FETCH = _HOST_FAILURES
 

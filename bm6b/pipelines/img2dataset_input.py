@@ -13,10 +13,12 @@ carry the image bytes in a ``jpg``/``png``/``webp`` column and the caption in ``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
 import tarfile
+import zlib
 from typing import Any, Iterator
 
 import apache_beam as beam
@@ -121,37 +123,143 @@ def _metadata(path: str, key: str, data: bytes | None) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
-def iter_webdataset_shard(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield ("record", record) per stored sample and ("reject", row) per failed row of the shard."""
+@dataclasses.dataclass
+class _TarCut:
+    """The first unreadable point of a tar shard before its end-of-archive marker."""
+
+    offset: int  # byte offset of the header of the member that could not be read whole
+    size: int  # bytes in the file
+    key: str | None  # that member's sample key, when its name could be read
+    error: str
+
+
+def _sample_key(name: str) -> str:
+    return name.rsplit("/", 1)[-1].partition(".")[0]
+
+
+def _file_size(path: str) -> int:
+    return FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+
+
+def _read_block(path: str, offset: int) -> bytes:
+    """Return up to one tar block (512 bytes) of ``path`` from ``offset``."""
+    with FileSystems.open(path) as handle:
+        handle.seek(offset)
+        return handle.read(tarfile.BLOCKSIZE)
+
+
+def _check_archive_end(path: str, offset: int) -> _TarCut | None:
+    """Return the cut when the block at ``offset`` is not a complete end-of-archive block.
+
+    tarfile (Python 3.11) in stream mode stops without an error at a partial or invalid header
+    after the first member, so a shard cut inside a header would otherwise lose its remaining
+    samples without a trace.
+    """
+    block = _read_block(path, offset)
+    if len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0"):
+        return None
+    name_field = block[:100]
+    name = name_field.split(b"\0", 1)[0].decode("utf-8", errors="replace") if b"\0" in name_field or len(block) >= 100 else ""
+    error = "partial header" if len(block) < tarfile.BLOCKSIZE else "invalid header"
+    return _TarCut(offset, _file_size(path), _sample_key(name) or None, error)
+
+
+def _read_tar_samples(path: str) -> tuple[dict[str, dict[str, bytes]], _TarCut | None]:
+    """Read the members of a tar shard by sample key, up to the first member that is cut or damaged."""
     samples: dict[str, dict[str, bytes]] = {}
-    with FileSystems.open(path) as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = member.name.rsplit("/", 1)[-1]
-            key, _, extension = name.partition(".")
-            data = tar.extractfile(member).read()
-            samples.setdefault(key, {})[extension.lower()] = data
+    reading: tarfile.TarInfo | None = None
+    tar: tarfile.TarFile | None = None
+    try:
+        with FileSystems.open(path) as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                reading = member
+                data = tar.extractfile(member).read()
+                reading = None
+                name = member.name.rsplit("/", 1)[-1]
+                key, _, extension = name.partition(".")
+                samples.setdefault(key, {})[extension.lower()] = data
+            # Offsets past a compression layer are not file offsets, so only plain tars are checked.
+            if getattr(tar.fileobj, "comptype", "tar") == "tar":
+                return samples, _check_archive_end(path, tar.offset)
+            return samples, None
+    except (tarfile.TarError, EOFError, zlib.error) as err:
+        if reading is not None:
+            cut = _TarCut(reading.offset, _file_size(path), _sample_key(reading.name), str(err))
+        else:
+            # The error came while looking for the next header, whose name is unknown.
+            cut = _TarCut(tar.offset if tar is not None else 0, _file_size(path), None, str(err))
+        return samples, cut
+
+
+def _metadata_rows(path: str) -> list[dict[str, Any]]:
+    """Return the rows of the shard's metadata parquet (every sample, successful or not), or []."""
+    metadata = path[: -len(".tar")] + ".parquet"
+    if not FileSystems.exists(metadata):
+        return []
+    with FileSystems.open(metadata) as handle:
+        return pq.read_table(handle).to_pylist()
+
+
+def _truncated(shard: str, index: int, key: str, row: dict[str, Any], detail: str) -> dict[str, Any]:
+    record = _record(shard, index, row.get("url"), row.get("caption") or row.get("txt"), None)
+    return make_reject(record, stage=STAGE, reason=Reason.TRUNCATED_SHARD, detail=f"sample {key}: {detail}")
+
+
+def iter_webdataset_shard(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ("record", record) per stored sample and ("reject", row) per failed or lost row of the shard.
+
+    A tar that is cut off or damaged keeps the samples read before the cut. The sample whose
+    member was cut, and every sample that the metadata parquet lists as downloaded but the tar
+    does not contain, become ``truncated_shard`` rejects.
+    """
+    samples, cut = _read_tar_samples(path)
+    rows = _metadata_rows(path)
+    rows_by_key = {row["key"]: row for row in rows if row.get("key") is not None}
+    if cut is not None:
+        complete = sum(1 for key in samples if key != cut.key)
+        logger.warning(
+            "%s: the tar shard is cut off or damaged at byte %d of %d (%s, sample key %s); keeping the %d samples read before it",
+            path, cut.offset, cut.size, cut.error, cut.key or "unknown", complete,
+        )
 
     index = 0
+    emitted: set[str] = set()
     for key in sorted(samples):
+        if cut is not None and key == cut.key:
+            continue
         parts = samples[key]
         image = next((parts[c] for c in IMAGE_COLUMNS if c in parts), None)
-        meta = _metadata(path, key, parts.get("json"))
-        caption = parts["txt"].decode("utf-8", errors="replace") if "txt" in parts else meta.get("caption")
         if image is None:
             continue
-        yield "record", _record(path, index, meta.get("url"), caption, image)
+        meta = _metadata(path, key, parts.get("json"))
+        row = rows_by_key.get(key, {})
+        caption = parts["txt"].decode("utf-8", errors="replace") if "txt" in parts else meta.get("caption", row.get("caption"))
+        yield "record", _record(path, index, meta.get("url", row.get("url")), caption, image)
+        emitted.add(key)
         index += 1
 
-    metadata = path[: -len(".tar")] + ".parquet"
-    if FileSystems.exists(metadata):
-        with FileSystems.open(metadata) as handle:
-            rows = pq.read_table(handle).to_pylist()
-        for row in rows:
-            if row.get("status") != "success":
-                yield "reject", _failure(path, index, row)
-                index += 1
+    if cut is not None and cut.key is not None:
+        detail = f"its tar member is cut off at byte {cut.offset} of {cut.size} ({cut.error})"
+        yield "reject", _truncated(path, index, cut.key, rows_by_key.get(cut.key, {}), detail)
+        emitted.add(cut.key)
+        index += 1
+
+    for row in rows:
+        key = row.get("key")
+        if key in emitted:
+            continue
+        if row.get("status") != "success":
+            yield "reject", _failure(path, index, row)
+        elif key is None:
+            continue  # without a key the row cannot be matched to a tar member
+        elif cut is not None:
+            detail = f"listed as downloaded, but the tar ends or breaks before it at byte {cut.offset} of {cut.size}"
+            yield "reject", _truncated(path, index, key, row, detail)
+        else:
+            yield "reject", _truncated(path, index, key, row, "listed as downloaded, but the tar does not contain its image")
+        index += 1
 
 
 def iter_parquet_shard(path: str) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -2,7 +2,7 @@
 
 The previous run's ``rejects/*.parquet`` keep each rejected row's input as JSON together with its
 source and row number. Rows whose reason is in ``RETRYABLE`` (DNS, connect, timeout, reset,
-too_slow, 429, 5xx, host_failing) become records again, with the same key and uid as before, and go
+too_slow, 429, 5xx, host_failing, truncated_shard) become records again, with the same key and uid as before, and go
 through the whole pipeline. Every other reject stays in the previous output only.
 """
 

@@ -33,6 +33,10 @@ class Reason(str, enum.Enum):
     BLOCKED_ADDRESS = "blocked_address"  # SSRF guard: loopback, private, link-local, ... address
     UNSUPPORTED_SCHEME = "unsupported_scheme"  # not http or https
     HOST_FAILING = "host_failing"  # the host's circuit breaker is open after repeated failures
+    # An img2dataset tar shard lacks this sample's data: the tar is cut off or damaged before it
+    # ends, or it lacks a sample that its metadata parquet lists as downloaded. The URL can be
+    # fetched again, so the "retry failed" mode re-runs it.
+    TRUNCATED_SHARD = "truncated_shard"
     # An exception of a type that no check expects, raised while fetching or decoding. The detail
     # names the type. It points to a bug, so the "retry failed" mode does not re-run it.
     UNEXPECTED_ERROR = "unexpected_error"
@@ -75,6 +79,7 @@ RETRYABLE: frozenset[str] = frozenset(
         Reason.HTTP_429.value,
         Reason.HTTP_5XX.value,
         Reason.HOST_FAILING.value,
+        Reason.TRUNCATED_SHARD.value,
     }
 )
 
