@@ -92,6 +92,7 @@ class _Handler(socketserver.BaseRequestHandler):
             path = urllib.parse.urlsplit(target).path
             with owner.lock:
                 owner.requests[path] += 1
+                owner.request_log.append((time.monotonic(), path))
                 owner.user_agents.append(headers.get("user-agent", ""))
                 owner.active += 1
                 owner.max_active = max(owner.max_active, owner.active)
@@ -120,6 +121,7 @@ class HostileServer:
         self.images = images or {}
         self.drip_interval = drip_interval
         self.requests: collections.Counter = collections.Counter()
+        self.request_log: list[tuple[float, str]] = []  # (time.monotonic() at arrival, path) per request
         self.user_agents: list[str] = []
         self.connections = 0
         self.active = 0
@@ -224,6 +226,8 @@ class HostileServer:
             if count == 1:
                 return self._send(sock, "429 Too Many Requests", b"slow down", "text/plain", {"Retry-After": "1"})
             return self._send(sock, "200 OK", next(iter(self.images.values())))
+        if path == "/503-retry-after":
+            return self._send(sock, "503 Service Unavailable", b"busy", "text/plain", {"Retry-After": "1"})
         if path == "/429-long":
             return self._send(sock, "429 Too Many Requests", b"slow down", "text/plain", {"Retry-After": "3600"})
         if path == "/redirect-loop":

@@ -421,3 +421,74 @@ def test_lookup_time_counts_in_deadline(server):
 
     assert result.reason == "timeout"
     assert elapsed < 0.6 + 0.3
+
+
+def test_host_limiter_pause_delays_slots():
+    clock = FakeClock()
+    limiter = HostLimiter(clock=clock, sleep=clock.sleep)
+
+    limiter.pause("a.example", 3.0)
+    limiter.pause("a.example", 1.0)  # a shorter pause must not cut the longer one
+    started = clock.now
+    with limiter.slot("a.example", wait=60) as waited:
+        pass
+    with limiter.slot("b.example", wait=60) as other_waited:
+        pass
+
+    assert waited == 3.0
+    assert clock.now - started == 3.0
+    assert other_waited == 0.0
+
+
+def test_host_limiter_pause_past_wait_raises():
+    clock = FakeClock()
+    limiter = HostLimiter(clock=clock, sleep=clock.sleep)
+    limiter.pause("a.example", 10.0)
+
+    with pytest.raises(HostBusy, match="paused for 10.0s"):
+        with limiter.slot("a.example", wait=5):
+            pass
+    assert clock.now == 100.0  # it raised without sleeping
+
+
+def request_times(server, path: str) -> list[float]:
+    return [at for at, logged in server.request_log if logged == path]
+
+
+@pytest.mark.parametrize("path", ["/429-then-ok", "/503-retry-after"])
+def test_retry_after_pauses_whole_host(server, path):
+    # Both paths answer their first request with Retry-After: 1. No other URL of the host may
+    # reach it sooner, but another host name on the same address is not held back.
+    config = FetchConfig(retries=0, host_concurrency=0, **LOCAL)
+    fetcher = Fetcher(config, resolver=lambda host, port: ["127.0.0.1"])
+
+    first = fetcher.fetch(server.url(path))
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        other_host = pool.submit(fetcher.fetch, f"http://other.test:{server.port}/img/3.jpg")
+        same_host = list(pool.map(fetcher.fetch, [server.url("/img/1.jpg"), server.url("/img/2.jpg")]))
+        other_host = other_host.result()
+
+    assert first.retry_after == 1.0
+    assert all(result.ok for result in same_host)
+    assert other_host.ok
+    (limited_at,) = request_times(server, path)
+    for image in ("/img/1.jpg", "/img/2.jpg"):
+        (requested_at,) = request_times(server, image)
+        assert requested_at - limited_at >= 1.0 - 0.05, image  # 0.05 s for the 429 to travel back
+    (other_at,) = request_times(server, "/img/3.jpg")
+    assert other_at - limited_at < 0.5
+
+
+def test_retry_after_pause_capped(server):
+    # /429-long sends Retry-After: 3600. The host's pause ends after max_retry_after.
+    config = FetchConfig(retries=0, max_retry_after=0.5, **LOCAL)
+    fetcher = Fetcher(config)
+
+    first = fetcher.fetch(server.url("/429-long"))
+    second = fetcher.fetch(server.url("/img/1.jpg"))
+
+    assert first.reason == "http_429"
+    assert second.ok
+    (limited_at,) = request_times(server, "/429-long")
+    (requested_at,) = request_times(server, "/img/1.jpg")
+    assert 0.5 - 0.05 <= requested_at - limited_at < 0.5 + 0.5

@@ -70,7 +70,9 @@ class FetchConfig:
     retries: int = 2  # extra attempts for retryable failures (DNS, timeout, reset, 429, 5xx)
     backoff_base: float = 0.5  # seconds; attempt n waits a random time in [0, base * 2**n]
     backoff_max: float = 8.0  # seconds, cap on one backoff wait
-    max_retry_after: float = 20.0  # seconds; a longer Retry-After ends the fetch instead of waiting
+    # Seconds. A longer Retry-After ends the fetch instead of waiting, and the pause that a
+    # Retry-After sets for every URL of its host lasts at most this long.
+    max_retry_after: float = 20.0
     user_agent: str = DEFAULT_USER_AGENT
     # CIDRs exempt from the SSRF guard, e.g. ("127.0.0.0/8",) for a loopback test server.
     allow_networks: tuple[str, ...] = ()
@@ -743,6 +745,14 @@ class Fetcher:
                 hop = self._request(url, parts, host, port, address, deadline)
         except HostBusy as err:
             return _Hop(FetchResult(url, reason=Reason.TIMEOUT.value, detail=str(err))), deadline
+
+        if hop.result.retry_after is not None:
+            # The server's Retry-After holds back every URL of the host, not only this one.
+            # The cap is max_retry_after, the longest wait this URL itself accepts before a
+            # retry. A smaller cap would let other URLs reach the host while this one still waits.
+            pause = min(hop.result.retry_after, cfg.max_retry_after)
+            self.limiter.pause(host, pause)
+            logger.debug("pausing requests to %s for %.1fs after HTTP %s with Retry-After", host, pause, hop.result.status)
 
         reason = hop.result.reason
         if reason in _HOST_FAILURES:

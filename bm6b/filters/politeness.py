@@ -98,7 +98,9 @@ class HostLimiter:
     """Grant request slots under a per-host concurrency cap, a per-host rate and a global cap.
 
     ``host_concurrency`` and ``max_connections`` of 0 mean no cap; ``host_rate`` of 0 means no
-    rate limit. ``slot(host, wait)`` blocks for at most ``wait`` seconds, then raises HostBusy.
+    rate limit. ``pause(host, seconds)`` holds back every later slot of the host, as a
+    ``Retry-After`` header requests. ``slot(host, wait)`` blocks for at most ``wait`` seconds,
+    then raises HostBusy.
     """
 
     def __init__(
@@ -118,7 +120,27 @@ class HostLimiter:
         self.global_slots = threading.BoundedSemaphore(max_connections) if max_connections > 0 else None
         self.host_slots: dict[str, threading.BoundedSemaphore] = {}
         self.buckets: dict[str, TokenBucket] = {}
+        self.paused_until: dict[str, float] = {}  # host -> clock time of its next allowed request
         self.lock = threading.Lock()
+
+    def pause(self, host: str, seconds: float) -> None:
+        """Grant no slot for ``host`` during the next ``seconds``. A shorter pause does not end a longer one."""
+        with self.lock:
+            until = self.clock() + seconds
+            if until > self.paused_until.get(host, 0.0):
+                self.paused_until[host] = until
+
+    def paused_for(self, host: str) -> float:
+        """Return the seconds left in the host's pause, or 0."""
+        with self.lock:
+            until = self.paused_until.get(host)
+            if until is None:
+                return 0.0
+            left = until - self.clock()
+            if left <= 0:
+                del self.paused_until[host]
+                return 0.0
+            return left
 
     def _host_state(self, host: str) -> tuple[threading.BoundedSemaphore | None, TokenBucket | None]:
         with self.lock:
@@ -150,6 +172,16 @@ class HostLimiter:
                     raise HostBusy(f"rate limit for {host} needs a {delay:.1f}s wait, more than the {remaining:.1f}s left")
                 if delay > 0:
                     self.sleep(delay)
+
+            # Checked after the other waits, so that a pause set during them still holds. The
+            # loop picks up a pause that another request extends while this one sleeps.
+            paused = self.paused_for(host)
+            while paused > 0:
+                remaining = wait - (self.clock() - started)
+                if paused > remaining:
+                    raise HostBusy(f"{host} is paused for {paused:.1f}s more after a Retry-After, more than the {remaining:.1f}s left")
+                self.sleep(paused)
+                paused = self.paused_for(host)
 
             if self.global_slots is not None:
                 remaining = wait - (self.clock() - started)
