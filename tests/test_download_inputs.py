@@ -220,6 +220,7 @@ CUTS = {
     "image_data": ("000000001.jpg", "data", 100),  # inside sample 1's image bytes
     "header_with_name": ("000000001.json", "header", 200),  # the NUL-terminated name is in the first 100 bytes
     "header_without_name": ("000000001.json", "header", 5),  # only "00000" of the name
+    "empty": ("000000000.jpg", "header", 0),  # a 0-byte file, which tarfile rejects as empty
 }
 
 
@@ -230,6 +231,7 @@ CUTS = {
         ("image_data", ["000000000"], ["000000001"]),
         ("header_with_name", ["000000000"], ["000000001"]),
         ("header_without_name", ["000000000", "000000001"], []),
+        ("empty", [], []),
     ],
 )
 def test_truncated_tar_without_metadata(tmp_path, caplog, cut, kept_keys, truncated_keys):
@@ -264,6 +266,7 @@ def test_truncated_tar_without_metadata(tmp_path, caplog, cut, kept_keys, trunca
         ("image_data", ["000000000"], ["000000001", "000000002"]),
         ("header_with_name", ["000000000"], ["000000001", "000000002"]),
         ("header_without_name", ["000000000", "000000001"], ["000000002"]),
+        ("empty", [], ["000000000", "000000001", "000000002"]),
     ],
 )
 def test_truncated_tar_with_metadata(tmp_path, cut, kept_keys, truncated_keys):
@@ -291,3 +294,26 @@ def test_truncated_tar_with_metadata(tmp_path, cut, kept_keys, truncated_keys):
         if reject["reason"] == "truncated_shard":
             kind, retried = record_from_reject(reject, columns=None)  # what --retry-failed fetches again
             assert (kind, retried["url"], retried["captions"]) == ("record", reject["url"], [f"caption {reject['url'][-5]}"])
+
+
+def test_truncated_shard_through_curate(tmp_path):
+    # A cut tar in an img2dataset folder must not stop the job, and each of its rows must end in
+    # the output shards or the rejects table.
+    folder = tmp_path / "i2d"
+    folder.mkdir()
+    offsets = write_webdataset_shard(folder / "00000.tar", 3)
+    write_shard_metadata(folder / "00000.parquet", [("000000000", "success"), ("000000001", "success"),
+                                                   ("000000002", "success"), ("000000003", "failed_to_download")])
+    (folder / "00000_stats.json").write_text("{}")
+    os.truncate(folder / "00000.tar", offsets["000000001.jpg"]["data"] + 100)
+
+    stats = run_curate(CurateConfig(inputs=[str(folder)], output=str(tmp_path / "out"), fetch=FETCH, image=IMAGES))
+    kept, rejects = read_rows(tmp_path / "out")
+
+    assert stats["input_rows"] == 4
+    assert [r["url"] for r in kept] == ["http://images.test/0.jpg"]
+    assert sorted((r["url"], r["reason"]) for r in rejects) == [
+        ("http://images.test/1.jpg", "truncated_shard"),
+        ("http://images.test/2.jpg", "truncated_shard"),
+        ("http://images.test/3.jpg", "http_404"),
+    ]

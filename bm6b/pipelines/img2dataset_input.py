@@ -158,8 +158,11 @@ def _check_archive_end(path: str, offset: int) -> _TarCut | None:
     block = _read_block(path, offset)
     if len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0"):
         return None
+    # The name field is the header's first 100 bytes, NUL-terminated unless it fills them all.
     name_field = block[:100]
-    name = name_field.split(b"\0", 1)[0].decode("utf-8", errors="replace") if b"\0" in name_field or len(block) >= 100 else ""
+    name = ""
+    if b"\0" in name_field or len(name_field) == 100:
+        name = name_field.split(b"\0", 1)[0].decode("utf-8", errors="replace")
     error = "partial header" if len(block) < tarfile.BLOCKSIZE else "invalid header"
     return _TarCut(offset, _file_size(path), _sample_key(name) or None, error)
 
@@ -180,7 +183,8 @@ def _read_tar_samples(path: str) -> tuple[dict[str, dict[str, bytes]], _TarCut |
                 name = member.name.rsplit("/", 1)[-1]
                 key, _, extension = name.partition(".")
                 samples.setdefault(key, {})[extension.lower()] = data
-            # Offsets past a compression layer are not file offsets, so only plain tars are checked.
+            # NOTE: offsets behind a compression layer are not file offsets, so only plain tars are
+            # checked, and a compressed tar cut inside a header still ends without a warning.
             if getattr(tar.fileobj, "comptype", "tar") == "tar":
                 return samples, _check_archive_end(path, tar.offset)
             return samples, None
