@@ -492,3 +492,19 @@ def test_retry_after_pause_capped(server):
     (limited_at,) = request_times(server, "/429-long")
     (requested_at,) = request_times(server, "/img/1.jpg")
     assert 0.5 - 0.05 <= requested_at - limited_at < 0.5 + 0.5
+
+
+def test_busy_lookup_slots_end_at_deadline(stuck_resolver):
+    # One lookup slot, held by a stuck lookup of another host: the second host's lookup cannot
+    # start, and its fetch ends at its deadline like a lookup that timed out.
+    fetcher = Fetcher(FetchConfig(retries=0, deadline=0.3, breaker_failures=0, dns_concurrency=1), resolver=stuck_resolver)
+    fetcher.fetch("http://stuck-dns.test/a.jpg")
+
+    started = time.monotonic()
+    result = fetcher.fetch("http://other-dns.test/b.jpg")
+    elapsed = time.monotonic() - started
+
+    assert result.reason == "dns"
+    assert result.detail == "other-dns.test: lookup timed out after 0.3s (all 1 lookup slots are busy)"
+    assert elapsed < 0.3 + 0.3
+    assert stuck_resolver.calls == 1
