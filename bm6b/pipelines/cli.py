@@ -11,6 +11,7 @@ from bm6b.filters.download import FetchConfig
 from bm6b.filters.image import ENCODE_FORMATS, INTERPOLATIONS, RESIZE_MODES, ImageConfig
 from bm6b.pipelines import ingest
 from bm6b.recipes import add_recipe_option
+from bm6b.schemas.reasons import RETRYABLE
 
 
 def positive_float(text: str) -> float:
@@ -108,8 +109,8 @@ def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     fetch.add_argument("--download-threads", type=positive_int, default=16, help="concurrent downloads per worker (default: %(default)s)")
     fetch.add_argument("--retry-failed", metavar="PREVIOUS_OUTPUT",
-                       help="re-run only the samples that PREVIOUS_OUTPUT rejected for a retryable reason (dns, connect, "
-                       "timeout, reset, too_slow, http_429, http_5xx, host_failing); pass the same column options")
+                       help="re-run only the samples that PREVIOUS_OUTPUT rejected for a retryable reason ("
+                       f"{', '.join(sorted(RETRYABLE))}); pass the same column options")
 
     image = parser.add_argument_group("images")
     image.add_argument("--image-size", type=positive_int, default=ImageConfig.image_size, help="output size in pixels, applied as --resize-mode says (default: %(default)s)")
