@@ -72,6 +72,7 @@ def test_curate_blocks_loopback_without_allow_network(tmp_path, serve_folder, sh
         ("--allow-network", "notacidr", "not a network in CIDR form"),
         ("--downscale-interpolation", "cubic", "invalid choice: 'cubic'"),
         ("--jpeg-quality", "0", "must be 1 to 100"),
+        ("--dns-concurrency", "0", "must be at least 1"),
         ("--webp-quality", "101", "must be 1 to 100"),
     ],
 )
@@ -148,3 +149,16 @@ def test_interpolation_flags_reach_image_config(tmp_path):
     config = config_from_args(args, [str(tmp_path / "m.csv")], str(tmp_path / "out"))
     assert config.image.upscale_interpolation == "bicubic"
     assert config.image.downscale_interpolation == "area"
+
+
+def test_dns_concurrency_reaches_fetch_config(tmp_path):
+    import argparse
+
+    from bm6b.pipelines.cli import add_curate_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_curate_arguments(parser)
+    default = config_from_args(parser.parse_args([]), [str(tmp_path / "m.csv")], str(tmp_path / "out"))
+    given = config_from_args(parser.parse_args(["--dns-concurrency", "4"]), [str(tmp_path / "m.csv")], str(tmp_path / "out"))
+    assert default.fetch.dns_concurrency == 32
+    assert given.fetch.dns_concurrency == 4

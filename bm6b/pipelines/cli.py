@@ -107,6 +107,9 @@ def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CIDR",
         help="exempt a network from the SSRF guard, e.g. 127.0.0.0/8 for a local test server (repeatable)",
     )
+    fetch.add_argument("--dns-concurrency", type=positive_int, default=FetchConfig.dns_concurrency,
+                       help="simultaneous DNS lookups per worker; a lookup past its URL's deadline keeps its slot "
+                       "until the resolver returns (default: %(default)s)")
     fetch.add_argument("--download-threads", type=positive_int, default=16, help="concurrent downloads per worker (default: %(default)s)")
     fetch.add_argument("--retry-failed", metavar="PREVIOUS_OUTPUT",
                        help="re-run only the samples that PREVIOUS_OUTPUT rejected for a retryable reason ("
@@ -218,6 +221,7 @@ def config_from_args(args: argparse.Namespace, inputs: list[str], output: str):
             host_rate=args.host_rate,
             max_connections=args.max_connections,
             breaker_failures=args.breaker_failures,
+            dns_concurrency=args.dns_concurrency,
         ),
         image=ImageConfig(
             image_size=args.image_size,
