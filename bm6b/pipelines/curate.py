@@ -233,8 +233,9 @@ def run_curate(config: CurateConfig, beam_args: list[str] | None = None) -> dict
     stats["samples_per_s"] = round(stats["input_rows"] / elapsed, 2) if elapsed > 0 else None
     stats["clip_model"] = config.clip_model
     write_stats(config.output, stats)
+    width = max((len(stage["stage"]) for stage in stats["stages"]), default=0)
     for stage in stats["stages"]:
-        logger.info("stage %-12s in %7d  out %7d  rejected %s", stage["stage"], stage["in"], stage["out"],
+        logger.info("stage %-*s in %7d  out %7d  rejected %s", width, stage["stage"], stage["in"], stage["out"],
                     stage["rejected"] or "-")
 
     from bm6b.report.render import write_run_report
