@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import re
+import time
 
 import pytest
 
@@ -297,3 +298,21 @@ def test_file_name_with_spaces():
     assert junk_issue("my trip to rome.JPEG").rule == "file_name"
     assert junk_issue("photo .png").rule == "file_name"
     assert junk_issue("a png file on a desk") is None
+
+
+def test_invalid_boilerplate_pattern_named(tmp_path):
+    path = tmp_path / "patterns.txt"
+    path.write_text("stock (photo\n", encoding="utf-8")
+    config = CaptionConfig(boilerplate_files=(str(path),))
+    with pytest.raises(ValueError, match=r"invalid boilerplate pattern 'stock \(photo'"):
+        check_caption("a dog on the grass", "en", config)
+
+
+def test_boilerplate_edge_strip_linear_time():
+    # 40,000 dashes between two letters: the earlier "[...]+$" regex took about 10 s of CPU on a 2-vCPU VM.
+    text = "stock photo x" + "-" * 40_000 + "x"
+    started = time.process_time()
+    cleaned = strip_boilerplate(text, CaptionConfig())
+    assert time.process_time() - started < 1.0
+    assert cleaned == "x" + "-" * 40_000 + "x"
+    assert strip_boilerplate("-- stock photo | a red car :: ", CaptionConfig()) == "a red car"

@@ -36,7 +36,9 @@ _SPECIAL_RE = re.compile(
 )
 _WORD_RE = re.compile(r"\w+")
 _NON_HAN_RE = re.compile(f"[^{HAN_CLASS}]+")
-_EDGE_JUNK_RE = re.compile(r"^[\s\-\u2013\u2014|:,#/~*]+|[\s\-\u2013\u2014|:,#/~*]+$")
+# Separators that boilerplate removal leaves at either end, removed with str.strip. A regex
+# "[...]+$" would retry at every position of a long run inside the text (quadratic time).
+_EDGE_JUNK = " -\u2013\u2014|:,#/~*"
 _IMAGE_SUFFIXES = tuple(f".{extension}" for extension in IMAGE_EXTENSIONS)
 
 # Byte tables for the ASCII fast paths, derived from the regexes above so both paths agree.
@@ -96,6 +98,8 @@ def _read_lines(path: str) -> tuple[str, ...]:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as err:
         raise ValueError(f"failed to read caption list file {path!r}: {err}; check the list file options") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"caption list file {path!r} is not UTF-8 text ({err}); save it as UTF-8, one entry per line") from err
 
     lines = []
     for line in text.splitlines():
@@ -121,6 +125,7 @@ def load_boilerplate(paths: tuple[str, ...]) -> re.Pattern[str] | None:
 @functools.lru_cache(maxsize=32)
 def _boilerplate_gate(paths: tuple[str, ...]) -> LiteralGate:
     """Gate for the URL pattern together with the boilerplate patterns of ``paths``."""
+    load_boilerplate(paths)  # raises ValueError naming an invalid pattern, which the gate's parser would not
     return LiteralGate([_URL_PATTERN, *(p for path in paths for p in _read_lines(path))])
 
 
@@ -153,8 +158,8 @@ def strip_boilerplate(text: str, config: CaptionConfig) -> str:
         cleaned = pattern.sub(" ", cleaned)
     if cleaned == text:
         return text
-    cleaned = " ".join(cleaned.split())
-    return _EDGE_JUNK_RE.sub("", cleaned)
+    # After the join, the only whitespace left is the single space that _EDGE_JUNK contains.
+    return " ".join(cleaned.split()).strip(_EDGE_JUNK)
 
 
 def junk_issue(text: str) -> QualityIssue | None:
