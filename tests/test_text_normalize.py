@@ -142,3 +142,11 @@ def test_text_changed_only_by_nfkc():
     assert normalize_caption("ﬁne，狗") == "fine,狗"
     # NFKC turns U+00A8 (diaeresis) into a space and U+0308, so the whitespace step still runs.
     assert normalize_caption("狗\u00a8") == "狗 \u0308"
+
+
+def test_lone_surrogates_become_replacement_character():
+    # JSON "\ud800" escapes decode to lone surrogates, which UTF-8 and fastText cannot encode.
+    assert normalize_caption("a dog \ud800 runs") == "a dog \ufffd runs"
+    assert normalize_caption("\udc80\u732b") == "\ufffd\u732b"
+    assert normalize_caption("\ud83d\ude00 smile") == "\ufffd\ufffd smile"
+    normalize_caption("x \udfff y").encode("utf-8")

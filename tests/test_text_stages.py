@@ -134,6 +134,41 @@ def test_caption_arguments_invalid_pair():
         captions.caption_config_from_args(args)
 
 
+def test_lone_surrogate_caption_gets_language_id():
+    # A record that skipped normalization must not crash fastText, which takes only encodable text.
+    rec, failure = captions.assign_languages(record("s", en="a brown dog \ud800 runs on the grass"))
+    assert failure is None
+    assert rec["lid_en"] == "en"
+
+
+def test_caption_arguments_lid_confidence_range():
+    parser = argparse.ArgumentParser()
+    captions.add_caption_arguments(parser)
+    for value in ("nan", "inf", "-0.1", "1.5"):
+        args = parser.parse_args(["--min-lid-confidence", f"zh={value}"])
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            captions.caption_config_from_args(args)
+
+
+def test_caption_arguments_lid_label_case_and_spaces():
+    parser = argparse.ArgumentParser()
+    captions.add_caption_arguments(parser)
+    args = parser.parse_args(["--min-lid-confidence", " ZH = 0.7", "--min-lid-confidence", "en=1"])
+    config = captions.caption_config_from_args(args)
+    assert config.min_lid_confidence == {"zh": 0.7, "en": 1.0}
+
+
+def test_caption_arguments_binary_list_file(tmp_path):
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"ok\n\xff\xfe\xfa\x00")
+    parser = argparse.ArgumentParser()
+    captions.add_caption_arguments(parser)
+    for option, value in (("--caption-blocklist", f"en={binary}"), ("--boilerplate-file", str(binary))):
+        args = parser.parse_args([option, value])
+        with pytest.raises(ValueError, match="binary.txt.*UTF-8"):
+            captions.caption_config_from_args(args)
+
+
 def test_beam_caption_stages():
     english = flickr8k_captions("enc")
     human = flickr8k_captions("zhm")

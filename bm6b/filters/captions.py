@@ -286,9 +286,14 @@ def caption_config_from_args(args: argparse.Namespace) -> CaptionConfig:
     confidence = dict(defaults.min_lid_confidence)
     for language, value in _pairs(args.min_lid_confidence, "--min-lid-confidence").items():
         try:
-            confidence[language] = float(value)
+            probability = float(value)
         except ValueError as err:
             raise ValueError(f"invalid --min-lid-confidence {language}={value!r}; expected a number") from err
+        if not 0.0 <= probability <= 1.0:
+            # NaN fails this test too; a NaN minimum would reject every caption of the language.
+            raise ValueError(f"invalid --min-lid-confidence {language}={value!r}; expected a probability between 0 and 1")
+        # lid.176 labels are lower case ("zh", "yue"), so "ZH" or " zh " would otherwise be ignored.
+        confidence[language.strip().lower()] = probability
 
     blocklists = dict(defaults.blocklist_files)
     for language, path in _pairs(args.caption_blocklist, "--caption-blocklist").items():

@@ -81,9 +81,19 @@ def predict_labels(text: str, model=None) -> dict[str, float]:
     if native is not None:
         # fasttext-predict's wrapper adds the newline and unzips the pairs; calling the native
         # predictor directly saved about 3 us per caption on the 2-vCPU development VM.
-        return {label[9:]: p for p, label in native.predict(text + "\n", -1, _MIN_LABEL_PROB, "strict")}
-    labels, probs = model.predict(text, k=-1, threshold=_MIN_LABEL_PROB)
+        try:
+            predictions = native.predict(text + "\n", -1, _MIN_LABEL_PROB, "strict")
+        except TypeError:
+            # pybind11 raises TypeError for a str it cannot encode as UTF-8 (lone surrogates).
+            predictions = native.predict(_encodable(text) + "\n", -1, _MIN_LABEL_PROB, "strict")
+        return {label[9:]: p for p, label in predictions}
+    labels, probs = model.predict(_encodable(text), k=-1, threshold=_MIN_LABEL_PROB)
     return {label[9:]: float(p) for label, p in zip(labels, probs)}
+
+
+def _encodable(text: str) -> str:
+    """Replace what UTF-8 cannot encode (lone surrogates) with "?"; ``normalize_caption`` already does so."""
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def script_shares(text: str) -> tuple[float, float, bool]:

@@ -1,7 +1,7 @@
 """Caption normalization: one canonical form for every caption before language ID and filters.
 
-Steps, in order: cut to ``max_input_chars``, HTML entities (twice, for double-escaped text), HTML
-tags, mojibake repair with ftfy, control and zero-width characters, Unicode NFKC with Chinese
+Steps, in order: cut to ``max_input_chars``, lone surrogates to U+FFFD, HTML entities (twice, for
+double-escaped text), HTML tags, mojibake repair with ftfy, control and zero-width characters, Unicode NFKC with Chinese
 punctuation kept full-width after Han characters, whitespace. Pure ASCII captions without ``&``
 or ``<`` skip the Unicode steps, which keeps the common English case cheap.
 """
@@ -29,6 +29,9 @@ _INVISIBLE_RE = re.compile(
     "[\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff\ufe00-\ufe0f"
     "\U000e0000-\U000e007f]"
 )
+# Lone surrogates, from JSON "\\ud800" escapes or UTF-16 cut in half. UTF-8 (Parquet, fastText)
+# cannot encode them, so each becomes U+FFFD, the Unicode replacement character.
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 # C0 and C1 controls, and line or paragraph separators; they become a space.
 _CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
@@ -45,7 +48,8 @@ _SPACE_RE = re.compile(r"\s+")
 # Any character that one of the steps before NFKC, or the whitespace step, acts on. Text without
 # one of them changes only by NFKC (see normalize_caption).
 _PRE_NFKC_RE = re.compile(
-    "[&<\\s" + _MOJIBAKE_HINT_RE.pattern[1:-1] + _INVISIBLE_RE.pattern[1:-1] + _CONTROL_RE.pattern[1:-1] + "]"
+    "[&<\\s" + _MOJIBAKE_HINT_RE.pattern[1:-1] + _INVISIBLE_RE.pattern[1:-1] + _CONTROL_RE.pattern[1:-1]
+    + _SURROGATE_RE.pattern[1:-1] + "]"
 )
 
 
@@ -113,6 +117,8 @@ def normalize_caption(text: str | None, config: CaptionConfig | None = None) -> 
             return text
         return collapse_whitespace(text, join_han=config.join_han_spaces)
 
+    # First, so that no later step sees a character that UTF-8 cannot encode.
+    text = _SURROGATE_RE.sub("\ufffd", text)
     if config.strip_html:
         text = unescape_html(text)
         text = strip_tags(text)
