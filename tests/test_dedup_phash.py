@@ -135,6 +135,16 @@ def test_single_band_of_64_bits_finds_equal_codes():
     assert found == {(0, 2), (0, 5), (2, 5), (1, 4)}
 
 
+def test_radius_zero_sampled_and_auto():
+    # At radius 0 any sampled table finds every equal pair, so one table is enough.
+    sampled = ph.make_scheme(0, "sampled", count=10)
+    assert len(sampled.bands) == 1
+    assert len(sampled.bands[0]) == ph.sampled_bits_for(10, 0)
+    assert len(ph.make_scheme(0, "sampled", bits=8).bands) == 1
+    assert len(ph.make_scheme(0, "auto", count=1).bands) == 1
+    assert len(ph.make_scheme(0, "auto", count=10**9).bands) == 1
+
+
 def test_collision_probability_by_hand():
     # One sampled bit avoids 8 differing bits of 64 with probability 56/64.
     assert ph.collision_probability(8, 1) == pytest.approx(56 / 64)

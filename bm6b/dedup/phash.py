@@ -128,7 +128,11 @@ def sampled_scheme(radius: int, bits: int, target_recall: float = 0.99, seed: in
     if not 0 < target_recall < 1:
         raise ValueError(f"invalid target recall {target_recall}: expected a value between 0 and 1")
     p = collision_probability(radius, bits)
-    tables = max(1, math.ceil(math.log(1 - target_recall) / math.log(1 - p)))
+    if p >= 1.0:
+        # Radius 0: codes within the radius are equal, so they meet in every table.
+        tables = 1
+    else:
+        tables = max(1, math.ceil(math.log(1 - target_recall) / math.log(1 - p)))
     rng = np.random.default_rng(seed)
     bands = tuple(tuple(sorted(int(i) for i in rng.choice(HASH_BITS, size=bits, replace=False))) for _ in range(tables))
     return BandScheme(radius, bands, exact=False)
