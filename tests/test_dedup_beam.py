@@ -97,6 +97,19 @@ def test_dedup_exact_images_by_sha256():
     ]
 
 
+def test_missing_sha256_and_url_never_match():
+    # Rows without a sha256 or a URL cannot be compared, so each stays on its own.
+    rows = [make("00000000000000c1", sha256=None, url=None, caption_en="x"),
+            make("00000000000000c2", sha256=None, url=None, caption_en="y"),
+            make("00000000000000c3", sha256="s1", url="", caption_en="z")]
+    images = run_transform(DedupExactImages(), rows)
+    assert sorted(r["key"] for r in images["records"]) == ["00000000000000c1", "00000000000000c2", "00000000000000c3"]
+    assert images["rejects"] == []
+    urls = run_transform(DedupUrls(), rows)
+    assert sorted(r["key"] for r in urls["records"]) == ["00000000000000c1", "00000000000000c2", "00000000000000c3"]
+    assert urls["rejects"] == []
+
+
 @pytest.mark.parametrize("candidates", ["auto", "pigeonhole", "sampled"])
 def test_near_images_cluster_and_representative(candidates):
     base = 0x8F3C_5A10_77E2_C419

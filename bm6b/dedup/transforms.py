@@ -52,11 +52,26 @@ class _KeepOne(RejectingDoFn):
             yield self._reject(duplicate, self.reason, f"same {self.what} as kept key {kept['key']}")
 
 
-def _url_key(record: dict[str, Any]) -> str:
+def _own_group(record: dict[str, Any]) -> tuple[int, str]:
+    """Group key of a record that lacks the compared value, unique so it matches no other record."""
+    return (1, record["key"])
+
+
+def _url_key(record: dict[str, Any]) -> tuple[int, str]:
+    url = record.get("url")
+    if not url:
+        return _own_group(record)
     try:
-        return normalize_url(record["url"])
+        return (0, normalize_url(url))
     except ValueError:
-        return record["url"]
+        return (0, url)
+
+
+def _sha256_key(record: dict[str, Any]) -> tuple[int, str]:
+    sha256 = record.get("sha256")
+    if not sha256:
+        return _own_group(record)
+    return (0, sha256)
 
 
 class DedupUrls(beam.PTransform):
@@ -75,7 +90,7 @@ class DedupExactImages(beam.PTransform):
     """Keep one sample per image sha256 across the whole run; reject the rest as duplicate_image."""
 
     def expand(self, records):
-        grouped = records | "BySha256" >> beam.Map(lambda r: (r["sha256"], r)) | "Group" >> beam.GroupByKey()
+        grouped = records | "BySha256" >> beam.Map(lambda r: (_sha256_key(r), r)) | "Group" >> beam.GroupByKey()
         return split_rejects(grouped, "KeepOne", _KeepOne(STAGE_IMAGE, Reason.DUPLICATE_IMAGE.value, "sha256"))
 
 
