@@ -91,3 +91,29 @@ def test_dedup_command_rejects_same_folder(tmp_path, capsys):
 
 def test_dedup_command_without_shards(tmp_path):
     assert main(["dedup", str(tmp_path / "empty"), "-o", str(tmp_path / "out")]) == 2
+
+
+def _small_shards(tmp_path, drop: str | None = None):
+    import pyarrow.parquet as pq_module
+
+    shards = tmp_path / "in"
+    shards.mkdir(parents=True)
+    records = []
+    for row in range(3):
+        image = Image.new("RGB", (32, 32), (80 * row, 40, 200 - 60 * row))
+        records.append(_record(row, image, _jpeg(image), f"第{row}张照片", f"photo number {row}", f"http://127.0.0.1/{row}.jpg"))
+    write_shard(str(shards), 0, records)
+    if drop:
+        path = shards / "00000.parquet"
+        pq_module.write_table(pq_module.read_table(path).drop([drop]), path)
+    return shards
+
+
+def test_dedup_command_missing_columns(tmp_path, caplog):
+    for column in ("sha256", "phash"):
+        shards = _small_shards(tmp_path / column, drop=column)
+        out = tmp_path / column / "out"
+        assert main(["dedup", str(shards), "-o", str(out), "--runner=FnApiRunner"]) == 2
+        assert f"missing column {column}" in caplog.text
+        assert "00000.parquet" in caplog.text
+        assert not out.exists()

@@ -29,6 +29,24 @@ def list_shards(folder: str) -> list[str]:
     return paths
 
 
+# Columns the dedup steps compare. A shard without one would crash a step or skip it silently.
+REQUIRED_COLUMNS = ("key", "url", "sha256", "phash", "caption_zh", "caption_en")
+
+
+def check_shard_columns(parquet_paths: list[str]) -> None:
+    """Raise ValueError naming the first shard that lacks one of ``REQUIRED_COLUMNS``."""
+    for path in parquet_paths:
+        with FileSystems.open(path) as handle:
+            names = set(pq.read_schema(handle).names)
+        missing = [column for column in REQUIRED_COLUMNS if column not in names]
+        if missing:
+            noun = "column" if len(missing) == 1 else "columns"
+            raise ValueError(
+                f"shard {path} is missing {noun} {', '.join(missing)}; "
+                "dedup reads shards written by bm6b curate or bm6b dedup"
+            )
+
+
 def read_shard(parquet_path: str) -> list[dict[str, Any]]:
     """Return the records of one shard: its Parquet rows with the JPEG bytes from the matching tar."""
     with FileSystems.open(parquet_path) as handle:
@@ -100,6 +118,7 @@ def run_dedup(input_folder: str, output: str, config: DedupConfig | None = None,
     if FileSystems.join(input_folder, "") == FileSystems.join(output, ""):
         raise ValueError(f"--output {output} is the input folder; choose a new folder for the deduplicated shards")
     shard_paths = list_shards(input_folder)
+    check_shard_columns(shard_paths)
     prepare_output(output, overwrite)
 
     started = time.monotonic()
