@@ -110,3 +110,21 @@ def C_DedupCaptions(**kwargs):
     from bm6b.dedup import DedupCaptions
 
     return DedupCaptions(**kwargs)
+
+
+def test_caption_threshold_out_of_range(tmp_path):
+    from bm6b.cli import main
+    from bm6b.dedup.config import DedupConfig
+    from test_dedup_cli import _small_shards
+
+    # 0 or less merged every caption pair that shared one MinHash band; above 1 or NaN merged none.
+    for threshold in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="invalid caption dedup threshold"):
+            C.NearConfig(threshold=threshold)
+        with pytest.raises(ValueError, match="invalid caption dedup threshold"):
+            DedupConfig(caption_threshold=threshold)
+    assert C.NearConfig(threshold=1.0).threshold == 1.0
+    shards = _small_shards(tmp_path)
+    out = tmp_path / "out"
+    assert main(["dedup", str(shards), "-o", str(out), "--caption-dup-threshold", "0", "--runner=FnApiRunner"]) == 2
+    assert not out.exists()

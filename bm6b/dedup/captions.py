@@ -22,6 +22,8 @@ from typing import Iterable
 
 import numpy as np
 
+from bm6b.dedup.config import check_caption_threshold
+
 LANGUAGES = ("zh", "en")
 
 # Unicode general categories removed from the exact key: punctuation, symbols, separators.
@@ -62,6 +64,9 @@ class NearConfig:
     zh_ngram: int = 3  # characters per Chinese shingle
     en_ngram: int = 2  # words per English shingle
     seed: int = 1
+
+    def __post_init__(self):
+        check_caption_threshold(self.threshold)
 
 
 def shingles(text: str | None, language: str, config: NearConfig = NearConfig()) -> frozenset[str]:

@@ -10,6 +10,14 @@ DEFAULT_RADIUS = 6
 DEFAULT_COMPONENT_ROUNDS = 8
 
 
+def check_caption_threshold(threshold: float) -> None:
+    """Raise ValueError unless 0 < ``threshold`` <= 1 (NaN fails too)."""
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(
+            f"invalid caption dedup threshold {threshold}: expected a Jaccard similarity above 0 and at most 1"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class DedupConfig:
     """Settings of the dedup steps that run after the exact sha256 dedup."""
@@ -26,3 +34,6 @@ class DedupConfig:
     caption_threshold: float = 0.9  # Jaccard similarity of the shingle sets
     eval_sets: tuple[str, ...] = ()  # folders or manifests, optionally NAME=PATH
     components_rounds: int = DEFAULT_COMPONENT_ROUNDS
+
+    def __post_init__(self):
+        check_caption_threshold(self.caption_threshold)
