@@ -54,7 +54,7 @@ class EvalIndex:
             with Image.open(path) as image:
                 image.load()
                 phash = compute_phash(image.convert("RGB"))
-        except (UnidentifiedImageError, OSError, ValueError) as err:
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
             logger.warning("evaluation image %s skipped: %s", path, err)
             self.skipped += 1
             return
@@ -79,6 +79,13 @@ def _split_name(spec: str) -> tuple[str, Path]:
 
 
 def _manifest_rows(path: Path) -> Iterator[dict]:
+    try:
+        yield from _decoded_manifest_rows(path)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"evaluation manifest {path} is not UTF-8 text ({err}); save it as UTF-8") from err
+
+
+def _decoded_manifest_rows(path: Path) -> Iterator[dict]:
     suffix = path.suffix.lower()
     with open(path, encoding="utf-8", newline="") as handle:
         if suffix == ".jsonl":
@@ -128,7 +135,13 @@ def load_eval_set(spec: str, index: EvalIndex | None = None) -> EvalIndex:
         image = row.get("image")
         if image:
             index.add_image(path.parent / str(image), item_id)
-        for caption in _row_captions(row):
+        try:
+            captions = list(_row_captions(row))
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"evaluation manifest {path} row {row_number} (0-based): column captions is not a valid JSON list: {err}"
+            ) from err
+        for caption in captions:
             index.add_caption(caption, item_id)
     return index
 
