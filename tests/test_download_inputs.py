@@ -317,3 +317,31 @@ def test_truncated_shard_through_curate(tmp_path):
         ("http://images.test/2.jpg", "truncated_shard"),
         ("http://images.test/3.jpg", "http_404"),
     ]
+
+
+def test_img2dataset_json_odd_caption_values(tmp_path):
+    # KEY.json is parsed JSON: "\ud800" escapes decode to lone surrogates, which UTF-8 cannot
+    # encode, and a caption or URL may be a number. Each sample must still become a record.
+    metas = [
+        '{"url": "http://images.test/0.jpg", "caption": "a brown dog \\ud800 runs on the grass"}',
+        '{"url": "http://images.test/1.jpg", "caption": 123}',
+        '{"url": 7, "caption": "\\udc80\\udc81"}',
+    ]
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for index, meta in enumerate(metas):
+            for extension, data in (("jpg", make_noise_jpeg(index)), ("json", meta.encode())):
+                info = tarfile.TarInfo(f"{index:09d}.{extension}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+    outcomes = list(iter_shard(str(shard)))
+
+    records = [value for kind, value in outcomes if kind == "record"]
+    assert len(records) == 3
+    assert records[0]["captions"] == ["a brown dog \ufffd runs on the grass"]
+    assert records[1]["captions"] == ["123"]
+    assert records[2]["url"] == "7"
+    assert records[2]["captions"] == ["\ufffd\ufffd"]
+    for record in records:
+        record["input"].encode("utf-8")

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 STAGE = "download"
 IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp")
 _SHARD = re.compile(r"^\d+\.(tar|parquet)$")
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
 def _match(pattern: str) -> list[str]:
@@ -87,7 +88,22 @@ def reason_from_error(message: str | None) -> str:
     return Reason.DECODE_ERROR.value if "image" in text else Reason.HTTP_ERROR.value
 
 
-def _record(shard: str, index: int, url: str | None, caption: str | None, image: bytes | None) -> dict[str, Any]:
+def _text(value: Any) -> str | None:
+    """Return a caption or URL value of KEY.json or the metadata Parquet as text that UTF-8 can encode.
+
+    JSON "\\ud800" escapes decode to lone surrogates, which become U+FFFD. Numbers and other
+    non-string values become their ``str``.
+    """
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else str(value)
+    if text.isascii():
+        return text
+    return _SURROGATE_RE.sub("\ufffd", text)
+
+
+def _record(shard: str, index: int, url: Any, caption: Any, image: bytes | None) -> dict[str, Any]:
+    url, caption = _text(url), _text(caption)
     record = new_record(
         key=make_key(shard, index),
         uid=make_uid(url or "", [caption]),
