@@ -6,6 +6,7 @@ import io
 import json
 
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image, ImageEnhance
 
 from bm6b.cli import main
@@ -116,4 +117,15 @@ def test_dedup_command_missing_columns(tmp_path, caplog):
         assert main(["dedup", str(shards), "-o", str(out), "--runner=FnApiRunner"]) == 2
         assert f"missing column {column}" in caplog.text
         assert "00000.parquet" in caplog.text
+        assert not out.exists()
+
+
+def test_dedup_command_samples_per_shard_below_one(tmp_path, capsys):
+    shards = _small_shards(tmp_path)
+    for value in ("0", "-3"):
+        out = tmp_path / f"out{value}"
+        with pytest.raises(SystemExit) as exit_info:
+            main(["dedup", str(shards), "-o", str(out), "--samples-per-shard", value])
+        assert exit_info.value.code == 2
+        assert f"must be at least 1, got {value}" in capsys.readouterr().err
         assert not out.exists()

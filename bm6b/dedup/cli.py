@@ -7,6 +7,13 @@ import argparse
 from bm6b.dedup.config import DEFAULT_COMPONENT_ROUNDS, DEFAULT_RADIUS, DedupConfig
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
 def add_dedup_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the "dedup" argument group (used by ``bm6b curate``, ``bm6b demo`` and ``bm6b dedup``)."""
     group = parser.add_argument_group(
@@ -79,7 +86,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument("input", help="folder with NNNNN.parquet + NNNNN.tar shards (local path or gs://...)")
     parser.add_argument("--output", "-o", required=True, help="output folder; must differ from the input")
-    parser.add_argument("--samples-per-shard", type=int, default=10_000)
+    parser.add_argument("--samples-per-shard", type=_positive_int, default=10_000,
+                        help="samples per output shard, at least 1 (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in --output")
     add_dedup_arguments(parser)
     parser.set_defaults(func=run_dedup_command, accepts_extra=True)
