@@ -199,3 +199,30 @@ def test_beam_caption_stages():
         ]), label="Rejects")
 
     assert caption_stages_run(config) == ["captions", "lid", "caption_frequency", "translate"]
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--max-special-char-ratio", "nan"),
+    ("--max-special-char-ratio", "-0.5"),
+    ("--max-special-char-ratio", "1.5"),
+    ("--translate-threshold", "nan"),
+    ("--translate-threshold", "2"),
+    ("--max-caption-repeats", "-1"),
+    ("--min-zh-chars", "-1"),
+    ("--min-en-words", "-2"),
+    ("--max-en-words", "-1"),
+])
+def test_caption_arguments_out_of_range(option, value):
+    parser = argparse.ArgumentParser()
+    captions.add_caption_arguments(parser)
+    args = parser.parse_args([option, value])
+    with pytest.raises(ValueError, match=f"invalid {option} {value}"):
+        captions.caption_config_from_args(args)
+
+
+def test_caption_arguments_min_above_max():
+    parser = argparse.ArgumentParser()
+    captions.add_caption_arguments(parser)
+    args = parser.parse_args(["--min-zh-chars", "10", "--max-zh-chars", "5"])
+    with pytest.raises(ValueError, match="--min-zh-chars 10 is above --max-zh-chars 5"):
+        captions.caption_config_from_args(args)

@@ -280,8 +280,26 @@ def _pairs(values: list[str], option: str) -> dict[str, str]:
     return pairs
 
 
+def _check_caption_limits(args: argparse.Namespace) -> None:
+    """Raise ValueError for a caption option out of range; NaN would silently turn a rule off."""
+    for option, value in (("--max-special-char-ratio", args.max_special_char_ratio),
+                          ("--translate-threshold", args.translate_threshold)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"invalid {option} {value}: expected a value between 0 and 1")
+    for option, value in (("--min-zh-chars", args.min_zh_chars), ("--max-zh-chars", args.max_zh_chars),
+                          ("--min-en-words", args.min_en_words), ("--min-en-chars", args.min_en_chars),
+                          ("--max-en-words", args.max_en_words), ("--max-caption-repeats", args.max_caption_repeats)):
+        if value < 0:
+            raise ValueError(f"invalid {option} {value}: expected 0 or more")
+    for low, high in ((("--min-zh-chars", args.min_zh_chars), ("--max-zh-chars", args.max_zh_chars)),
+                      (("--min-en-words", args.min_en_words), ("--max-en-words", args.max_en_words))):
+        if low[1] > high[1]:
+            raise ValueError(f"{low[0]} {low[1]} is above {high[0]} {high[1]}, so every caption would be rejected")
+
+
 def caption_config_from_args(args: argparse.Namespace) -> CaptionConfig:
     """Build the CaptionConfig of a run from the options added by ``add_caption_arguments``."""
+    _check_caption_limits(args)
     defaults = DEFAULT_CONFIG
     confidence = dict(defaults.min_lid_confidence)
     for language, value in _pairs(args.min_lid_confidence, "--min-lid-confidence").items():
