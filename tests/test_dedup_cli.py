@@ -129,3 +129,34 @@ def test_dedup_command_samples_per_shard_below_one(tmp_path, capsys):
         assert exit_info.value.code == 2
         assert f"must be at least 1, got {value}" in capsys.readouterr().err
         assert not out.exists()
+
+
+def test_dedup_command_reports_unconverged_components(tmp_path, caplog):
+    # 30 pHash codes in a chain, one bit apart: radius 1 links only neighbours, and one round pair
+    # of large-star/small-star cannot reduce a 30-node chain to one star.
+    shards = tmp_path / "in"
+    shards.mkdir()
+    records = []
+    code = 0
+    for row in range(30):
+        image = Image.new("RGB", (16, 16), (row, 0, 0))
+        record = _record(row, image, _jpeg(image), None, f"distinct caption number {row}", f"http://127.0.0.1/{row}.jpg")
+        record["phash"] = code
+        record["sha256"] = f"{row:064x}"  # near-black JPEGs can share bytes, and exact dedup would cut the chain
+        code |= 1 << row
+        records.append(record)
+    write_shard(str(shards), 0, records)
+
+    base = ["dedup", str(shards), "--near-dup-radius", "1", "--no-caption-dedup", "--runner=FnApiRunner"]
+    assert main([*base, "-o", str(tmp_path / "one"), "--components-rounds", "1"]) == 0
+    stats = json.loads((tmp_path / "one" / "stats.json").read_text())
+    assert stats["dedup"]["unconverged_nodes"] > 0
+    assert stats["kept"] > 1
+    assert "did not converge" in caplog.text
+
+    caplog.clear()
+    assert main([*base, "-o", str(tmp_path / "eight")]) == 0
+    stats = json.loads((tmp_path / "eight" / "stats.json").read_text())
+    assert stats["dedup"]["unconverged_nodes"] == 0
+    assert stats["kept"] == 1
+    assert "did not converge" not in caplog.text

@@ -109,6 +109,14 @@ def build_dedup_pipeline(pipeline: beam.Pipeline, shard_paths: list[str], output
     return stages + ["write"]
 
 
+def unconverged_nodes(result) -> int:
+    """Return the ``components.unconverged`` counter of a finished pipeline (image and caption components)."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    counters = result.metrics().query(MetricsFilter().with_namespace("bm6b").with_name("components.unconverged"))
+    return sum(counter.committed or 0 for counter in counters["counters"])
+
+
 def run_dedup(input_folder: str, output: str, config: DedupConfig | None = None, beam_args: list[str] | None = None,
               samples_per_shard: int = 10_000, overwrite: bool = False) -> dict[str, Any]:
     """Run the dedup job on the shards in ``input_folder``; return the stats also written to ``output``."""
@@ -125,14 +133,21 @@ def run_dedup(input_folder: str, output: str, config: DedupConfig | None = None,
     pipeline = beam.Pipeline(options=pipeline_options(beam_args))
     stages = build_dedup_pipeline(pipeline, shard_paths, output, config, samples_per_shard)
     logger.info("dedup: %d shard(s) from %s -> %s", len(shard_paths), input_folder, output)
-    pipeline.run().wait_until_finish()
+    result = pipeline.run()
+    result.wait_until_finish()
     elapsed = time.monotonic() - started
+    unconverged = unconverged_nodes(result)
+    if unconverged:
+        logger.warning(
+            "dedup: connected components did not converge for %d node(s), so some duplicate clusters stay split "
+            "and keep extra samples; raise --components-rounds (now %d)", unconverged, config.components_rounds,
+        )
 
     stats = compute_stats(output, stages=stages)
     stats["elapsed_s"] = round(elapsed, 3)
     stats["dedup"] = {"radius": config.radius, "candidates": config.candidates,
                       "sampled_bits": config.sampled_bits, "captions": config.captions,
-                      "eval_sets": list(config.eval_sets)}
+                      "eval_sets": list(config.eval_sets), "unconverged_nodes": unconverged}
     write_stats(output, stats)
     return stats
 
