@@ -14,8 +14,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import ahocorasick
+
 from bm6b.filters.caption_config import CaptionConfig
-from bm6b.filters.literal_gate import LiteralGate
+from bm6b.filters.literal_gate import _ASCII_CASE_VARIANTS_RE, LiteralGate, _is_uncased
 from bm6b.filters.text_normalize import HAN_CLASS
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "jpe", "jfif", "png", "gif", "webp", "bmp", "tif", "tiff", "heic", "avif", "svg")
@@ -132,13 +134,55 @@ def _boilerplate_gate(paths: tuple[str, ...]) -> LiteralGate:
 @functools.lru_cache(maxsize=32)
 def load_blocklist(language: str, paths: tuple[str, ...]) -> re.Pattern[str] | None:
     """Compile one list: zh terms match as substrings, other languages as whole words."""
-    terms = sorted({t for path in paths for t in _read_lines(path)}, key=len, reverse=True)
+    return _compile_terms(language, frozenset(t for path in paths for t in _read_lines(path)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _compile_terms(language: str, terms: frozenset[str]) -> re.Pattern[str] | None:
     if not terms:
         return None
-    alternation = "|".join(re.escape(t) for t in terms)
+    # Longest first, so a match reports the longest term that starts at its position. Ties sort
+    # alphabetically, so every process builds the same pattern.
+    alternation = "|".join(re.escape(t) for t in sorted(terms, key=lambda t: (-len(t), t)))
     if language == "zh":
         return re.compile(alternation, re.IGNORECASE)
     return re.compile(rf"(?<!\w)(?:{alternation})(?!\w)", re.IGNORECASE)
+
+
+@functools.lru_cache(maxsize=32)
+def _term_automaton(paths: tuple[str, ...]) -> ahocorasick.Automaton | None:
+    """Return an Aho-Corasick automaton of a list's lower-cased terms, each mapped to its original terms.
+
+    Returns None when a term has a cased non-ASCII character, because str.lower then need not
+    agree with re.IGNORECASE (see ``literal_gate``).
+    """
+    originals: dict[str, set[str]] = {}
+    for path in paths:
+        for term in _read_lines(path):
+            if not all(ch.isascii() or _is_uncased(ch) for ch in term):
+                return None
+            originals.setdefault(term.lower(), set()).add(term)
+    if not originals:
+        return None
+    automaton = ahocorasick.Automaton()
+    for lowered, terms in originals.items():
+        automaton.add_word(lowered, frozenset(terms))
+    automaton.make_automaton()
+    return automaton
+
+
+def _blocklist_pattern(language: str, paths: tuple[str, ...], text: str) -> re.Pattern[str] | None:
+    """Return a pattern that matches ``text`` exactly where the whole list's pattern does, or None if neither can.
+
+    Python's re tries every term of an alternation at every position, so a list of 50,000 random
+    terms took about 0.5 s of CPU per 4,000-character caption on a 2-vCPU VM. Only the terms whose
+    lower-cased form occurs in the lower-cased text can match, and one Aho-Corasick pass finds them.
+    """
+    automaton = _term_automaton(paths)
+    if automaton is None or (not text.isascii() and _ASCII_CASE_VARIANTS_RE.search(text) is not None):
+        return load_blocklist(language, paths)
+    found = frozenset(term for _, terms in automaton.iter(text.lower()) for term in terms)
+    return _compile_terms(language, found)
 
 
 @functools.lru_cache(maxsize=32)
@@ -303,7 +347,7 @@ def blocklist_issue(text: str, config: CaptionConfig) -> QualityIssue | None:
     if not gate.may_match(text):
         return None
     for language, paths in lists:
-        pattern = load_blocklist(language, tuple(paths))
+        pattern = _blocklist_pattern(language, tuple(paths), text)
         if pattern is None:
             continue
         match = pattern.search(text)
