@@ -160,3 +160,26 @@ def test_dedup_command_reports_unconverged_components(tmp_path, caplog):
     assert stats["dedup"]["unconverged_nodes"] == 0
     assert stats["kept"] == 1
     assert "did not converge" not in caplog.text
+
+
+def test_dedup_command_unreadable_shard_files(tmp_path, caplog):
+    missing_tar = _small_shards(tmp_path / "missing_tar")
+    (missing_tar / "00000.tar").unlink()
+    empty_parquet = _small_shards(tmp_path / "empty_parquet")
+    (empty_parquet / "00001.parquet").write_bytes(b"")
+    (empty_parquet / "00001.tar").write_bytes(b"")
+    cases = [(missing_tar, "00000.tar not found"), (empty_parquet, "00001.parquet is not a readable Parquet file")]
+    for shards, message in cases:
+        out = shards.parent / "out"
+        assert main(["dedup", str(shards), "-o", str(out), "--runner=FnApiRunner"]) == 2
+        assert message in caplog.text
+        assert not out.exists()
+
+
+def test_read_shard_damaged_tar_names_file(tmp_path):
+    from bm6b.dedup.run import read_shard
+
+    shards = _small_shards(tmp_path)
+    (shards / "00000.tar").write_bytes(b"not a tar file" * 10)
+    with pytest.raises(ValueError, match="00000.tar is not a readable tar file"):
+        read_shard(str(shards / "00000.parquet"))

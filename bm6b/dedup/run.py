@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import apache_beam as beam
+import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
@@ -33,11 +34,20 @@ def list_shards(folder: str) -> list[str]:
 REQUIRED_COLUMNS = ("key", "url", "sha256", "phash", "caption_zh", "caption_en")
 
 
-def check_shard_columns(parquet_paths: list[str]) -> None:
-    """Raise ValueError naming the first shard that lacks one of ``REQUIRED_COLUMNS``."""
+def check_shards(parquet_paths: list[str]) -> None:
+    """Raise ValueError naming the first shard that lacks its tar, a readable schema or one of ``REQUIRED_COLUMNS``.
+
+    The tars themselves are not read here, so a damaged tar still stops the job in ``read_shard``.
+    """
     for path in parquet_paths:
-        with FileSystems.open(path) as handle:
-            names = set(pq.read_schema(handle).names)
+        tar_path = path[: -len(".parquet")] + ".tar"
+        if not FileSystems.exists(tar_path):
+            raise FileNotFoundError(f"shard image file {tar_path} not found; each NNNNN.parquet needs its NNNNN.tar")
+        try:
+            with FileSystems.open(path) as handle:
+                names = set(pq.read_schema(handle).names)
+        except (OSError, pa.ArrowException) as err:
+            raise ValueError(f"shard {path} is not a readable Parquet file: {err}") from err
         missing = [column for column in REQUIRED_COLUMNS if column not in names]
         if missing:
             noun = "column" if len(missing) == 1 else "columns"
@@ -54,10 +64,14 @@ def read_shard(parquet_path: str) -> list[dict[str, Any]]:
     tar_path = parquet_path[: -len(".parquet")] + ".tar"
     images: dict[str, bytes] = {}
     with FileSystems.open(tar_path) as handle:
-        with tarfile.open(fileobj=io.BytesIO(handle.read()), mode="r:") as tar:
+        data = handle.read()
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for member in tar:
                 if member.isfile() and member.name.endswith(".jpg"):
                     images[member.name[: -len(".jpg")]] = tar.extractfile(member).read()
+    except tarfile.TarError as err:
+        raise ValueError(f"shard {tar_path} is not a readable tar file: {err}") from err
     records = []
     for row in rows:
         image = images.get(row["key"])
@@ -126,7 +140,7 @@ def run_dedup(input_folder: str, output: str, config: DedupConfig | None = None,
     if FileSystems.join(input_folder, "") == FileSystems.join(output, ""):
         raise ValueError(f"--output {output} is the input folder; choose a new folder for the deduplicated shards")
     shard_paths = list_shards(input_folder)
-    check_shard_columns(shard_paths)
+    check_shards(shard_paths)
     prepare_output(output, overwrite)
 
     started = time.monotonic()
