@@ -35,7 +35,7 @@ REQUIRED_COLUMNS = ("key", "url", "sha256", "phash", "caption_zh", "caption_en")
 
 
 def check_shards(parquet_paths: list[str]) -> None:
-    """Raise ValueError naming the first shard that lacks its tar, a readable schema or one of ``REQUIRED_COLUMNS``.
+    """Raise FileNotFoundError or ValueError naming the first shard without its tar, a readable schema or ``REQUIRED_COLUMNS``.
 
     The tars themselves are not read here, so a damaged tar still stops the job in ``read_shard``.
     """
