@@ -24,6 +24,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from bm6b.dedup import DedupConfig
+from bm6b.dedup import run as dedup_run
 from bm6b.dedup.transforms import DedupExactImages, DedupUrls, apply_dedup_steps, dedup_steps
 from bm6b.filters.caption_config import CaptionConfig
 from bm6b.filters.download import FetchConfig
@@ -225,13 +226,20 @@ def run_curate(config: CurateConfig, beam_args: list[str] | None = None) -> dict
     build_pipeline(pipeline, config)
     logger.info("curate: %d manifest(s) -> %s on %s", len(config.inputs), config.output,
                 options.view_as(StandardOptions).runner)
-    progress.run_with_progress(pipeline)
+    result = progress.run_with_progress(pipeline)
     elapsed = time.monotonic() - started
+    unconverged = dedup_run.unconverged_nodes(result)
+    if unconverged:
+        logger.warning(
+            "curate: connected components did not converge for %d node(s), so some duplicate clusters stay split "
+            "and keep extra samples; raise --components-rounds (now %d)", unconverged, config.dedup.components_rounds,
+        )
 
     stats = compute_stats(config.output, stages=_stages_run(config))
     stats["elapsed_s"] = round(elapsed, 3)
     stats["samples_per_s"] = round(stats["input_rows"] / elapsed, 2) if elapsed > 0 else None
     stats["clip_model"] = config.clip_model
+    stats["unconverged_nodes"] = unconverged
     write_stats(config.output, stats)
     width = max((len(stage["stage"]) for stage in stats["stages"]), default=0)
     for stage in stats["stages"]:
