@@ -159,6 +159,6 @@ def test_dns_concurrency_reaches_fetch_config(tmp_path):
     parser = argparse.ArgumentParser()
     add_curate_arguments(parser)
     default = config_from_args(parser.parse_args([]), [str(tmp_path / "m.csv")], str(tmp_path / "out"))
-    given = config_from_args(parser.parse_args(["--dns-concurrency", "4"]), [str(tmp_path / "m.csv")], str(tmp_path / "out"))
+    configured = config_from_args(parser.parse_args(["--dns-concurrency", "4"]), [str(tmp_path / "m.csv")], str(tmp_path / "out"))
     assert default.fetch.dns_concurrency == 32
-    assert given.fetch.dns_concurrency == 4
+    assert configured.fetch.dns_concurrency == 4

@@ -171,7 +171,7 @@ def test_report_files_and_numbers(small_run):
     page = (small_run / "report" / "index.html").read_text()
     for name in ("funnel", "clip_scores", "download_errors"):
         assert f"src=\"{name}.png\"" in page
-    # The per-language columns count what the rows still carry, and the page says so under the table.
+    # The per-language columns count the captions the rows still carry, as the note under the table states.
     assert "is not counted for that language at any stage" in page
 
 

@@ -136,8 +136,8 @@ class RobotsRules:
 
     def rules_for(self, token: str) -> list[RobotsRule]:
         token = token.lower()
-        for wanted in (token, "*"):
-            groups = [rules for agents, rules in self.groups if wanted in agents]
+        for agent in (token, "*"):
+            groups = [rules for agents, rules in self.groups if agent in agents]
             if groups:
                 return [rule for rules in groups for rule in rules]
         return []

@@ -116,7 +116,7 @@ def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
                        f"{', '.join(sorted(RETRYABLE))}); pass the same column options")
 
     image = parser.add_argument_group("images")
-    image.add_argument("--image-size", type=positive_int, default=ImageConfig.image_size, help="output size in pixels, applied as --resize-mode says (default: %(default)s)")
+    image.add_argument("--image-size", type=positive_int, default=ImageConfig.image_size, help="output size in pixels, applied according to --resize-mode (default: %(default)s)")
     image.add_argument("--resize-mode", default=ImageConfig.resize_mode, choices=list(RESIZE_MODES),
                        help="keep_ratio: shorter side becomes --image-size; keep_ratio_largest: longer side does; "
                        "center_crop: shorter side, then the centre square; border: longer side, then padded to a "
