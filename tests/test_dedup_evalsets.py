@@ -29,3 +29,14 @@ def test_manifest_broken_captions_list_names_row(tmp_path):
     path.write_text('{"id": "a", "captions": "a dog on grass"}\n{"id": "b", "captions": "[broken"}\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"eval.jsonl row 1 \(0-based\): column captions is not a valid JSON list"):
         load_eval_set(str(path))
+
+
+def test_bomb_skipped_after_pillow_limit_raised(tmp_path, monkeypatch):
+    # A curate run with a larger --max-pixels raises Pillow's global limit in this process; the
+    # evaluation loader still skips images above its own limit.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    Image.new("1", (15000, 15000)).save(tmp_path / "bomb.png")
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(tmp_path / "ok.jpg")
+    index = load_eval_set(f"mini={tmp_path}")
+    assert index.image_ids == ["mini:ok.jpg"]
+    assert index.skipped == 1

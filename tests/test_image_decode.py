@@ -405,7 +405,9 @@ def png_rows_missing(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
-def test_pixel_limit_above_pillow_default():
+def test_pixel_limit_above_pillow_default(monkeypatch):
+    # Decoding with a larger max_pixels raises Pillow's process-wide limit; restore it afterwards.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
     # 210 M pixels is above twice Pillow's default MAX_IMAGE_PIXELS (2 x 89,478,485), where
     # Pillow itself raises DecompressionBombError on open. With max_pixels above the image, the
     # pixel check passes and the missing pixel data fails the decode instead.

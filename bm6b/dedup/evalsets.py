@@ -28,7 +28,7 @@ from typing import Iterator
 from PIL import Image, UnidentifiedImageError
 
 from bm6b.dedup.captions import exact_key
-from bm6b.filters.image import compute_phash
+from bm6b.filters.image import ImageConfig, compute_phash
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ MANIFEST_SUFFIXES = frozenset({".jsonl", ".csv", ".tsv"})
 # Captions whose exact key is shorter than this are not matched: a one- or two-character key
 # ("猫", "dog") equals countless unrelated training captions.
 MIN_CAPTION_KEY_CHARS = 4
+# Evaluation images with more pixels are skipped as decompression bombs (the curate default).
+MAX_EVAL_PIXELS = ImageConfig.max_pixels
 
 
 @dataclasses.dataclass
@@ -52,6 +54,11 @@ class EvalIndex:
     def add_image(self, path: Path, item_id: str) -> None:
         try:
             with Image.open(path) as image:
+                # Pillow's own bomb limit is a process global that a larger --max-pixels raises, so
+                # evaluation images are held to the default limit here.
+                width, height = image.size
+                if width * height > MAX_EVAL_PIXELS:
+                    raise Image.DecompressionBombError(f"{width}x{height} pixels > {MAX_EVAL_PIXELS}")
                 image.load()
                 phash = compute_phash(image.convert("RGB"))
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
