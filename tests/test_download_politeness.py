@@ -462,7 +462,7 @@ def request_times(server, path: str) -> list[float]:
 
 @pytest.mark.parametrize("path", ["/429-then-ok", "/503-retry-after"])
 def test_retry_after_pauses_whole_host(server, path):
-    # Both paths answer their first request with Retry-After: 1. No other URL of the host may
+    # Both paths respond to their first request with Retry-After: 1. No other URL of the host may
     # reach it sooner, but another host name on the same address is not held back.
     config = FetchConfig(retries=0, host_concurrency=0, **LOCAL)
     fetcher = Fetcher(config, resolver=lambda host, port: ["127.0.0.1"])

@@ -121,9 +121,9 @@ def test_torture_file_outcome(dirty, name):
         assert result.detail
 
 
-# Decoded files whose pixels differ from a plain upright RGB conversion on purpose; each kind has
-# its own test below (alpha or a colour key on the background, sRGB conversion, 16-bit scaling,
-# CMYK, the first frame of an animation).
+# Decoded files whose pixels differ from a plain upright RGB conversion on purpose. Each kind has
+# its own test below: alpha or a colour key on the background, sRGB conversion, 16-bit scaling,
+# CMYK, and the first frame of an animation.
 SPECIAL_PIXELS = {
     "1_trns.png", "apng_mode_16bit.png", "chi.gif", "dispose_bgnd_transparency.gif", "icc_profile_big.jpg",
     "iss634.gif", "iss634.webp", "l_trns.png", "p_trns_single.png", "pil123p.png", "pil_sample_cmyk.jpg",

@@ -59,7 +59,7 @@ def test_load_clip_checkpoint_skips_warning(tmp_path, caplog):
 
 
 def test_transforms_alone_do_not_warn(caplog):
-    # curate builds the transforms on the meta device and the scoring model separately; only the
+    # curate builds the transforms on the meta device and the scoring model separately. Only the
     # scoring model is random, so a run without weights warns once, not twice.
     register_model_configs()
     with caplog.at_level(logging.WARNING):

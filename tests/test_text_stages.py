@@ -21,6 +21,12 @@ def record(key: str, zh: str | None = None, en: str | None = None, untyped: list
             "caption_zh": zh, "caption_en": en, "captions": untyped or []}
 
 
+def caption_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    captions.add_caption_arguments(parser)
+    return parser
+
+
 def test_url_caption_filtered_with_rule():
     rec, failure = captions.assign_languages(record("a", en="http://www.example.com/photo/123"))
     assert failure == ("caption_filtered", "en: url: the caption is a URL")
@@ -100,8 +106,7 @@ def test_drop_frequent_captions():
 def test_caption_arguments_build_config(tmp_path):
     blocklist = tmp_path / "zh.txt"
     blocklist.write_text("禁词\n", encoding="utf-8")
-    parser = argparse.ArgumentParser()
-    captions.add_caption_arguments(parser)
+    parser = caption_parser()
     args = parser.parse_args([
         "--min-zh-chars", "6", "--min-lid-confidence", "en=0.4", "--min-lid-confidence", "yue=0.9",
         "--caption-blocklist", f"zh={blocklist}", "--translate-check", "--translate-threshold", "0.7",
@@ -119,16 +124,14 @@ def test_caption_arguments_build_config(tmp_path):
 
 
 def test_caption_arguments_missing_blocklist(tmp_path):
-    parser = argparse.ArgumentParser()
-    captions.add_caption_arguments(parser)
+    parser = caption_parser()
     args = parser.parse_args(["--caption-blocklist", f"en={tmp_path / 'absent.txt'}"])
     with pytest.raises(ValueError, match="absent.txt"):
         captions.caption_config_from_args(args)
 
 
 def test_caption_arguments_invalid_pair():
-    parser = argparse.ArgumentParser()
-    captions.add_caption_arguments(parser)
+    parser = caption_parser()
     args = parser.parse_args(["--min-lid-confidence", "en"])
     with pytest.raises(ValueError, match="LANG=VALUE"):
         captions.caption_config_from_args(args)
@@ -142,8 +145,7 @@ def test_lone_surrogate_caption_gets_language_id():
 
 
 def test_caption_arguments_lid_confidence_range():
-    parser = argparse.ArgumentParser()
-    captions.add_caption_arguments(parser)
+    parser = caption_parser()
     for value in ("nan", "inf", "-0.1", "1.5"):
         args = parser.parse_args(["--min-lid-confidence", f"zh={value}"])
         with pytest.raises(ValueError, match="between 0 and 1"):
@@ -151,8 +153,7 @@ def test_caption_arguments_lid_confidence_range():
 
 
 def test_caption_arguments_lid_label_case_and_spaces():
-    parser = argparse.ArgumentParser()
-    captions.add_caption_arguments(parser)
+    parser = caption_parser()
     args = parser.parse_args(["--min-lid-confidence", " ZH = 0.7", "--min-lid-confidence", "en=1"])
     config = captions.caption_config_from_args(args)
     assert config.min_lid_confidence == {"zh": 0.7, "en": 1.0}
@@ -161,8 +162,7 @@ def test_caption_arguments_lid_label_case_and_spaces():
 def test_caption_arguments_binary_list_file(tmp_path):
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"ok\n\xff\xfe\xfa\x00")
-    parser = argparse.ArgumentParser()
-    captions.add_caption_arguments(parser)
+    parser = caption_parser()
     for option, value in (("--caption-blocklist", f"en={binary}"), ("--boilerplate-file", str(binary))):
         args = parser.parse_args([option, value])
         with pytest.raises(ValueError, match="binary.txt.*UTF-8"):
@@ -213,16 +213,14 @@ def test_beam_caption_stages():
     ("--max-en-words", "-1"),
 ])
 def test_caption_arguments_out_of_range(option, value):
-    parser = argparse.ArgumentParser()
-    captions.add_caption_arguments(parser)
+    parser = caption_parser()
     args = parser.parse_args([option, value])
     with pytest.raises(ValueError, match=f"invalid {option} {value}"):
         captions.caption_config_from_args(args)
 
 
 def test_caption_arguments_min_above_max():
-    parser = argparse.ArgumentParser()
-    captions.add_caption_arguments(parser)
+    parser = caption_parser()
     args = parser.parse_args(["--min-zh-chars", "10", "--max-zh-chars", "5"])
     with pytest.raises(ValueError, match="--min-zh-chars 10 is above --max-zh-chars 5"):
         captions.caption_config_from_args(args)

@@ -963,7 +963,7 @@ class Fetcher:
     def _fetch_robots(self, robots_url: str):
         """Fetch robots.txt through the same guard and pinning, without image sniffing.
 
-        A body longer than ROBOTS_MAX_BYTES is cut there: RFC 9309 asks crawlers to parse at
+        A body longer than ROBOTS_MAX_BYTES is cut there: RFC 9309 requires crawlers to parse at
         least 500 KiB, and a longer file must not fail every URL of its host.
         """
         cfg = self.config

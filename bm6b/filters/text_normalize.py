@@ -117,7 +117,7 @@ def normalize_caption(text: str | None, config: CaptionConfig | None = None) -> 
             return text
         return collapse_whitespace(text, join_han=config.join_han_spaces)
 
-    # First, so that no later step sees a character that UTF-8 cannot encode.
+    # First, so that no later step receives a character that UTF-8 cannot encode.
     text = _SURROGATE_RE.sub("\ufffd", text)
     if config.strip_html:
         text = unescape_html(text)

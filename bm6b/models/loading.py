@@ -281,7 +281,7 @@ def _create_model(source: ClipSource, device: str):
         overrides["text_cfg"] = text_cfg
 
     if device == "meta":
-        # A meta model only yields transforms; whether weights come is for load_clip to say.
+        # A meta model only yields transforms, so the warning about missing weights is left to load_clip.
         with torch.device("meta"), weights_loaded_later():
             return open_clip.create_model(source.model_name, device="meta", load_weights=False, **overrides)
     if source.pretrained_tag:
