@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "bm6b.dedup.cli",  # dedup
     "bm6b.report.cli",  # report, inspect
     "bm6b.train.cli",  # train, eval, tokenizer
+    "bm6b.filters.bilingual_encoder_cli",  # train-text-encoder
 )
 
 

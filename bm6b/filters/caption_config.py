@@ -93,7 +93,8 @@ class CaptionConfig:
     length_ratio_low: float = 0.25  # CJK-aware length ratio outside [low, high] gives a zero length sub-score
     length_ratio_high: float = 4.0
     zh_chars_per_en_word: float = 1.6  # expected Han characters per English word
-    embedding_model: str | None = None  # "module:callable" returning an encoder; None turns it off
+    # An encoder file from ``bm6b train-text-encoder``, or "module:callable" returning an encoder; None turns it off.
+    embedding_model: str | None = None
     embedding_center: float = 0.5  # cosine that neither raises nor lowers the combined score
     translate_min_zh_han_share: float = 0.3  # the zh side must be at least this share Han among its letters
     translate_max_en_han_share: float = 0.1  # the en side may hold at most this share of Han letters

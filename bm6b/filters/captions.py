@@ -264,10 +264,14 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
                        "(translation_mismatch); leave it off for sources whose captions were written independently")
     group.add_argument("--translate-threshold", type=float, default=defaults.translate_threshold,
                        help="minimum combined translate-check score, 0 to 1 (default: %(default)s)")
-    group.add_argument("--translate-embedding-model", metavar="MODULE:CALLABLE",
-                       help="factory returning a text encoder whose cosine joins the translate-check score")
+    group.add_argument("--translate-embedding-model", metavar="FILE|MODULE:CALLABLE",
+                       help="text encoder whose cosine joins the translate-check score: a file from "
+                            "`bm6b train-text-encoder`, or a factory given as module:callable")
     group.add_argument("--translate-embedding-weight", type=float, default=0.0,
                        help="logistic weight of the embedding cosine in the translate-check score (default: %(default)s)")
+    group.add_argument("--translate-embedding-center", type=float, default=defaults.embedding_center,
+                       help="embedding cosine that neither raises nor lowers the translate-check score "
+                            "(default: %(default)s)")
 
 
 def _pairs(values: list[str], option: str) -> dict[str, str]:
@@ -335,6 +339,7 @@ def caption_config_from_args(args: argparse.Namespace) -> CaptionConfig:
         translate_check=args.translate_check,
         translate_threshold=args.translate_threshold,
         embedding_model=args.translate_embedding_model,
+        embedding_center=args.translate_embedding_center,
         weights=weights,
     )
 

@@ -15,7 +15,9 @@ The scorer needs no model. Its sub-scores, each in [0, 1] unless stated:
 * ``tokens``: digits and Latin tokens (units, brand names) that appear on both sides.
 * ``colours`` and ``counts``: overlap of the colours (红 / red) and of the counts from two to ten
   (两 / two) named on each side.
-* ``embedding``: cosine of a text encoder's embeddings, only when ``embedding_model`` is set.
+* ``embedding``: cosine of a text encoder's embeddings, only when ``embedding_model`` is set and
+  its weight is positive (the file of an encoder trained by ``bm6b train-text-encoder``, or any
+  ``module:callable`` factory).
 
 ``tokens``, ``colours`` and ``counts`` are left out when neither side names any.
 
@@ -37,6 +39,7 @@ import importlib
 import itertools
 import logging
 import math
+import os
 import pathlib
 import re
 from dataclasses import dataclass, field
@@ -508,10 +511,20 @@ Encoder = Callable[[Sequence[str]], Sequence[Sequence[float]]]
 
 
 def load_encoder(spec: str) -> Encoder:
-    """Import an encoder factory given as ``module:callable`` and call it once."""
+    """Load the encoder named by ``embedding_model``.
+
+    ``spec`` is either the path of an encoder file written by ``bm6b train-text-encoder`` (a name
+    ending in ``.npz``, containing a path separator, or naming an existing file) or ``module:callable``,
+    a factory that is imported and called once.
+    """
+    if spec.endswith(".npz") or os.sep in spec or "/" in spec or pathlib.Path(spec).is_file():
+        from bm6b.filters.bilingual_encoder import BilingualEncoder
+
+        return BilingualEncoder.load(spec)
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
-        raise ValueError(f"invalid embedding model {spec!r}; expected 'module:callable'")
+        raise ValueError(f"invalid embedding model {spec!r}: no encoder file at that path, and not "
+                         "'module:callable'")
     factory = getattr(importlib.import_module(module_name), attribute)
     return factory()
 
@@ -648,6 +661,11 @@ class TranslateChecker:
         return 1.0 / (1.0 + math.exp(-logit))
 
     def _cosine(self, zh: str, en: str) -> float:
+        pair_cosine = getattr(self.encoder, "cosine", None)
+        if pair_cosine is not None:
+            # A bilingual encoder (``BilingualEncoder``) has one table per language, so it is told
+            # which side is which instead of guessing from the text.
+            return max(0.0, pair_cosine(zh, en))
         a, b = self.encoder([zh, en])
         dot = sum(x * y for x, y in zip(a, b))
         norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
