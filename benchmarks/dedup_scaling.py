@@ -66,10 +66,10 @@ def _band_worker(bands: list[int]) -> np.ndarray:
         # Most pairs recur in many tables. Merging once the pending pairs outnumber the distinct
         # ones keeps a worker near two copies of its distinct pairs instead of one per table.
         if pending_size >= max(len(found), 1 << 20):
-            found = np.unique(np.concatenate([found, *pending]))
+            found = ph.sorted_unique(np.concatenate([found, *pending]))
             pending = []
             pending_size = 0
-    return np.unique(np.concatenate([found, *pending]))
+    return ph.sorted_unique(np.concatenate([found, *pending]))
 
 
 def cpu_seconds() -> float:
@@ -86,7 +86,7 @@ def run_banded(codes: np.ndarray, scheme: ph.BandScheme, workers: int):
     _WORKER_STATE.update(codes=codes, scheme=scheme)
     band_sets = [list(range(w, len(scheme.bands), workers)) for w in range(workers)]
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        keys = np.unique(np.concatenate(pool.map(_band_worker, band_sets)))
+        keys = ph.sorted_unique(np.concatenate(pool.map(_band_worker, band_sets)))
     rows = (keys >> np.uint64(32)).astype(np.int64)
     cols = (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
     pairs_found = time.perf_counter()
@@ -108,7 +108,7 @@ def run_brute_force(codes: np.ndarray, radius: int, queries: np.ndarray):
 
 def pair_keys(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     low, high = np.minimum(rows, cols).astype(np.uint64), np.maximum(rows, cols).astype(np.uint64)
-    return np.unique((low << np.uint64(32)) | high)
+    return ph.sorted_unique((low << np.uint64(32)) | high)
 
 
 def measure(n: int, radius: int, candidates: str, bits: int | None, queries: int, repeats: int, seed: int,

@@ -8,13 +8,15 @@ import random
 import tempfile
 
 import apache_beam as beam
+import numpy as np
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from bm6b.dedup import DedupCaptions, DedupExactImages, DedupNearImages, DedupUrls, Decontaminate
 from bm6b.dedup.components import ConnectedComponents, large_star, small_star
 from bm6b.dedup.evalsets import EvalIndex
-from bm6b.dedup.transforms import _BandKeys
+from bm6b.dedup import phash as ph
+from bm6b.dedup.transforms import _BandChunks
 from bm6b.schemas import new_record
 
 def _dump(path: str):
@@ -137,17 +139,51 @@ def test_near_images_cluster_and_representative(candidates):
     assert {r["stage"] for r in out["rejects"]} == {"dedup_near_image"}
 
 
-def test_band_keys_follow_the_count():
-    record = make("00000000000000e1", phash=0x0123_4567_89AB_CDEF)
+def test_near_images_equal_codes_without_neighbors():
+    # Records with the same pHash share a cluster even when no other code is near; the largest
+    # image is kept. A lone code next to them stays.
+    code = 0xF000_0000_0000_0001
+    rows = [
+        make("00000000000000d1", phash=code, orig_width=10, orig_height=10, caption_en="a"),
+        make("00000000000000d2", phash=code, orig_width=30, orig_height=30, caption_en="b"),
+        make("00000000000000d3", phash=code, orig_width=20, orig_height=20, caption_en="c"),
+        make("00000000000000d4", phash=code ^ 0xFFFF_0000, orig_width=5, orig_height=5, caption_en="d"),
+    ]
+    out = run_transform(DedupNearImages(radius=6), rows)
+    assert sorted(r["key"] for r in out["records"]) == ["00000000000000d2", "00000000000000d4"]
+    details = {r["key"]: r["detail"] for r in out["rejects"]}
+    assert details == {
+        "00000000000000d1": "near duplicate of kept key 00000000000000d2 (pHash Hamming distance 0)",
+        "00000000000000d3": "near duplicate of kept key 00000000000000d2 (pHash Hamming distance 0)",
+    }
+
+
+def test_band_chunks_follow_the_count():
+    code = 0x0123_4567_89AB_CDEF
     # 1,000 codes, sampled: round(log2 1000) + 2 = 12 bits, 15 tables at radius 6 (see
     # test_sampled_tables_for_count_by_hand); pigeonhole: radius + 1 = 7 bands.
-    sampled = list(_BandKeys(6, "sampled", None).process(record, count=1000))
-    assert [band for (band, _), _ in sampled] == list(range(15))
-    exact = list(_BandKeys(6, "auto", None).process(record, count=1000))
-    assert [band for (band, _), _ in exact] == list(range(7))
+    sampled = list(_BandChunks(6, "sampled", None).process([code, 5], count=1000))
+    assert [key for key, _ in sampled] == [(band, 0) for band in range(15)]
+    exact = list(_BandChunks(6, "auto", None).process([code, 5], count=1000))
+    assert [key for key, _ in exact] == [(band, 0) for band in range(7)]
     # Pigeonhole band 0 is the lowest 10 bits: 0xCDEF & 0x3FF = 0x1EF.
-    assert exact[0][0] == (0, 0x1EF)
-    assert exact[0][1][1] == 0x0123_4567_89AB_CDEF
+    codes, values = exact[0][1]
+    assert codes.tolist() == [code, 5]
+    assert values.tolist() == [0x1EF, 5]
+
+
+def test_band_chunks_split_large_runs_into_parts():
+    # 3.5M distinct codes need 4 parts of at most about GROUP_CODES codes per band.
+    assert ph.band_parts(3_500_000) == 4
+    codes = np.arange(1, 2001, dtype=np.uint64) * np.uint64(0x9E37_79B9)
+    chunks = list(_BandChunks(6, "pigeonhole", None).process(codes.view(np.int64).tolist(), count=3_500_000))
+    assert {band for (band, _), _ in chunks} == set(range(7))
+    for band in range(7):
+        parts = [(part, c, v) for (b, part), (c, v) in chunks if b == band]
+        assert sorted(np.concatenate([c for _, c, _ in parts]).tolist()) == sorted(codes.tolist())
+        for part, _, values in parts:
+            # Equal band values always land in the same part.
+            assert set(ph.part_of(values, 4).tolist()) == {part}
 
 
 def test_near_images_rejects_bad_table_bits():

@@ -133,7 +133,9 @@ def test_dedup_command_samples_per_shard_below_one(tmp_path, capsys):
 
 def test_dedup_command_reports_unconverged_components(tmp_path, caplog):
     # 30 pHash codes in a chain, one bit apart: radius 1 links only neighbours, and one round pair
-    # of large-star/small-star cannot reduce a 30-node chain to one star.
+    # of large-star/small-star cannot reduce a 30-node chain to one star. The flips alternate
+    # between the low and the high 32 bits (the two pigeonhole bands at radius 1), so each band
+    # group holds one link of the chain and cannot join the chain by itself.
     shards = tmp_path / "in"
     shards.mkdir()
     records = []
@@ -143,7 +145,7 @@ def test_dedup_command_reports_unconverged_components(tmp_path, caplog):
         record = _record(row, image, _jpeg(image), None, f"distinct caption number {row}", f"http://127.0.0.1/{row}.jpg")
         record["phash"] = code
         record["sha256"] = f"{row:064x}"  # near-black JPEGs can share bytes, and exact dedup would cut the chain
-        code |= 1 << row
+        code |= 1 << (row // 2 + (32 if row % 2 else 0))
         records.append(record)
     write_shard(str(shards), 0, records)
 

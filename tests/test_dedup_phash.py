@@ -160,24 +160,44 @@ def test_invalid_radius_rejected():
         ph.make_scheme(8, "lsh")
 
 
-def test_group_forest_links_equal_and_close_codes():
-    members = [("a", 5), ("b", 5), ("c", 7), ("d", 1 << 40), ("e", (1 << 40) | 3)]
-    edges = ph.group_forest(members, radius=1)
-    # b equals a; c is one bit from a; e is two bits from d, beyond the radius.
-    assert edges == [("b", "a"), ("a", "c")]
+def _edges(codes, values, radius):
+    low, root = ph.group_code_edges(np.array(codes, dtype=np.uint64), np.array(values, dtype=np.uint32), radius)
+    return sorted(zip(low.tolist(), root.tolist()))
 
 
-def test_group_forest_edges_stay_below_group_size():
-    # 3,000 distinct codes all within radius 2 of each other: a full graph of 4.5M pairs,
-    # verified with faiss (the group exceeds FAISS_MIN_GROUP), sent as a forest of n - 1 edges.
+def test_group_code_edges_join_close_codes_that_share_a_value():
+    codes = [5, 5, 7, 1 << 40, (1 << 40) | 3, 9]
+    # 5 and 7 differ in one bit; 1 << 40 and (1 << 40) | 3 in two, beyond radius 1; 9 is one
+    # bit from... nothing with its value: 9 = 0b1001 and 5 = 0b0101 differ in two bits.
+    values = [1, 1, 1, 2, 2, 1]
+    assert _edges(codes, values, radius=1) == [(7, 5)]
+    assert _edges(codes, values, radius=2) == [(7, 5), (9, 5), ((1 << 40) | 3, 1 << 40)]
+    # Codes within the radius but with different band values are not compared.
+    assert _edges([5, 7], [1, 2], radius=1) == []
+
+
+def test_group_code_edges_stay_below_group_size():
+    # 3,000 members, all within radius 4 of each other and sharing one band value: a full graph
+    # verified with faiss (the group exceeds FAISS_MIN_GROUP), sent as a star of n - 1 edges.
     base = 0xFFFF_0000_FFFF_0000
-    members = [(f"n{i:05d}", base ^ (1 << (i % 64)) ^ (1 << ((i // 64) % 64))) for i in range(3000)]
-    distinct = {code for _, code in members}
-    edges = ph.group_forest(members, radius=4)
-    assert len(edges) == len(members) - 1
-    nodes = {n for edge in edges for n in edge}
-    assert nodes == {n for n, _ in members}
-    assert len(distinct) < len(members)
+    codes = sorted({base ^ (1 << (i % 64)) ^ (1 << ((i // 64) % 64)) for i in range(3000)})
+    assert len(codes) > ph.FAISS_MIN_GROUP
+    edges = _edges(codes, [0] * len(codes), radius=4)
+    assert len(edges) == len(codes) - 1
+    assert {root for _, root in edges} == {codes[0]}
+    assert {low for low, _ in edges} == set(codes[1:])
+
+
+def test_candidate_pairs_with_no_shared_band_value():
+    # Two codes whose pigeonhole bands all differ: no group, no pair (this used to divide by zero).
+    codes = np.array([0, 0xFFFF_FFFF_FFFF_FFFF], dtype=np.uint64)
+    assert list(ph.candidate_pairs(codes, ph.pigeonhole_scheme(6))) == []
+
+
+def test_sorted_unique_matches_numpy_unique():
+    values = np.array([7, 3, 7, 2**64 - 1, 0, 3, 0], dtype=np.uint64)
+    assert ph.sorted_unique(values).tolist() == [0, 3, 7, 2**64 - 1]
+    assert ph.sorted_unique(np.empty(0, dtype=np.uint64)).tolist() == []
 
 
 def test_faiss_and_numpy_verification_agree():

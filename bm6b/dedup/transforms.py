@@ -30,6 +30,9 @@ STAGE_EVAL = "decontam"
 STAGE_NEAR_IMAGE = "dedup_near_image"
 STAGE_CAPTION = "dedup_caption"
 
+# Distinct pHash codes per band step input element; a batch of 65,536 codes is 512 KB.
+CODE_BATCH = 1 << 16
+
 # ---------------------------------------------------------------- keep one per key
 
 
@@ -101,12 +104,22 @@ def _image_node(record: dict[str, Any]) -> str:
     return node_id(record, extra=f"{int(record['phash']):016x}")
 
 
+def _signed_code(record: dict[str, Any]) -> int:
+    """Return the record's pHash as a signed 64-bit integer, the range Beam's integer coder takes."""
+    code = int(record["phash"])
+    return code - (1 << 64) if code >= 1 << 63 else code
+
+
 def _node_phash(node: str) -> int:
     return int(node_extra(node), 16)
 
 
-class _BandKeys(beam.DoFn):
-    """Emit ((band, band value), (node, code)) for every band of the scheme picked for ``count`` codes."""
+class _BandChunks(beam.DoFn):
+    """Cut a batch of distinct pHash codes into (band, part) chunks of the scheme picked for ``count`` codes.
+
+    Each output element carries numpy arrays of codes and band values, so the shuffle moves
+    12 bytes per code and band instead of one Python element each.
+    """
 
     def __init__(self, radius: int, candidates: str, sampled_bits: int | None):
         self.radius = radius
@@ -119,21 +132,58 @@ class _BandKeys(beam.DoFn):
         if scheme is None:
             scheme = ph.make_scheme(self.radius, self.candidates, count=count, bits=self.sampled_bits)
             self._schemes[count] = scheme
-            logger.info("near-duplicate images: %d pHash codes, %s scheme with %d bands of %d-%d bits",
-                        count, "pigeonhole" if scheme.exact else "sampled", len(scheme.bands),
-                        min(map(len, scheme.bands)), max(map(len, scheme.bands)))
+            logger.info("near-duplicate images: %d distinct pHash codes, %s scheme with %d bands of %d-%d bits, "
+                        "%d parts per band", count, "pigeonhole" if scheme.exact else "sampled", len(scheme.bands),
+                        min(map(len, scheme.bands)), max(map(len, scheme.bands)), ph.band_parts(count))
         return scheme
 
-    def process(self, record: dict[str, Any], count: int):
-        node = _image_node(record)
-        code = int(record["phash"])
-        for band, value in enumerate(self.scheme_for(count).band_values(code)):
-            yield (band, value), (node, code)
+    def process(self, batch: list[int], count: int):
+        # The codes arrive as signed 64-bit integers (see ``_signed_code``).
+        codes = np.asarray(batch, dtype=np.int64).view(np.uint64)
+        for band, part, chunk_codes, chunk_values in ph.band_chunks(self.scheme_for(count), codes, ph.band_parts(count)):
+            yield (band, part), (chunk_codes, chunk_values)
 
 
 def _group_edges(item, radius: int):
-    _, members = item
-    yield from ph.group_forest(members, radius)
+    _, chunks = item
+    codes, values = zip(*chunks)
+    low, root = ph.group_code_edges(np.concatenate(codes), np.concatenate(values), radius)
+    yield from zip(low.view(np.int64).tolist(), root.view(np.int64).tolist())
+
+
+def _node_components(item):
+    """Yield (component, node) for each node whose code has a near or equal code elsewhere.
+
+    ``item`` is (code, {"node": nodes with that code, "label": the code's component label if
+    it is not the smallest code of its component, "root": present if it is a label}).
+    """
+    code, grouped = item
+    labels = list(grouped["label"])
+    nodes = iter(grouped["node"])
+    first = next(nodes, None)
+    if first is None:
+        return
+    second = next(nodes, None)
+    if labels:
+        component = labels[0]
+    elif second is not None or any(True for _ in grouped["root"]):
+        component = code
+    else:
+        return
+    yield component, first
+    if second is not None:
+        yield component, second
+    for node in nodes:
+        yield component, node
+
+
+def _node_labels(item):
+    """Yield (node, kept node) for every node of a component except the kept one."""
+    _, grouped = item
+    representative = min(grouped["kept"])
+    for node in grouped["node"]:
+        if node != representative:
+            yield node, representative
 
 
 class _ApplyLabels(RejectingDoFn):
@@ -165,12 +215,15 @@ def _describe_near_image(node: str, labels: list[str]) -> str:
 class DedupNearImages(beam.PTransform):
     """Cluster pHash codes within ``radius`` bits across the run; keep one sample per cluster.
 
-    Band groups propose candidates, ``group_forest`` verifies them and sends a spanning forest
-    downstream, and ``ConnectedComponents`` joins the forests. Clusters are connected
-    components, so a chain of close pairs joins samples whose own distance exceeds ``radius``.
-    The reject detail therefore gives the distance to the kept sample, which may exceed it.
+    The search runs on distinct codes. Band groups receive numpy chunks of codes, verify the
+    codes that share a band value (``ph.group_code_edges``) and send a star forest downstream;
+    ``ConnectedComponents`` joins the forests into clusters of codes. Each record then learns
+    its code's cluster, and the smallest node id of the cluster (the representative rule) is
+    kept. Clusters are connected components, so a chain of close pairs joins samples whose own
+    distance exceeds ``radius``, and records with equal codes always share a cluster. The
+    reject detail gives the distance to the kept sample, which may exceed the radius.
 
-    The band scheme depends on the number of hashed records (``ph.make_scheme``), which a
+    The band scheme depends on the number of distinct codes (``ph.make_scheme``), which a
     global count passes to the band step as a side input, so every worker builds the same
     bands. ``candidates="pigeonhole"`` is exact at any size.
     """
@@ -188,15 +241,36 @@ class DedupNearImages(beam.PTransform):
     def expand(self, records):
         with_hash = records | "HasPhash" >> beam.Partition(lambda r, _: 0 if r.get("phash") is not None else 1, 2)
         radius = self.radius
-        count = with_hash[0] | "CountHashed" >> beam.combiners.Count.Globally()
-        band_keys = _BandKeys(radius, self.candidates, self.sampled_bits)
-        edges = (
-            with_hash[0]
-            | "BandKeys" >> beam.ParDo(band_keys, count=beam.pvalue.AsSingleton(count))
+        nodes = with_hash[0] | "NodeByCode" >> beam.Map(lambda r: (_signed_code(r), _image_node(r)))
+
+        # Band groups see each distinct code once, in numpy chunks; the count picks the scheme.
+        codes = nodes | "Codes" >> beam.Keys() | "DistinctCodes" >> beam.Distinct()
+        count = codes | "CountCodes" >> beam.combiners.Count.Globally()
+        code_edges = (
+            codes
+            | "BatchCodes" >> beam.BatchElements(min_batch_size=256, max_batch_size=CODE_BATCH)
+            | "BandChunks" >> beam.ParDo(_BandChunks(radius, self.candidates, self.sampled_bits),
+                                         count=beam.pvalue.AsSingleton(count))
             | "GroupBands" >> beam.GroupByKey()
             | "VerifyGroups" >> beam.FlatMap(_group_edges, radius=radius)
         )
-        labels = edges | "Components" >> ConnectedComponents(self.rounds)
+        code_labels = code_edges | "Components" >> ConnectedComponents(self.rounds)
+
+        # Each clustered node learns its component, then the smallest node of the component
+        # (the representative rule) is found with a combiner, so no worker holds a whole cluster.
+        roots = code_labels | "Roots" >> beam.Map(lambda e: (e[1], True))
+        components = (
+            {"node": nodes, "label": code_labels, "root": roots}
+            | "JoinCodes" >> beam.CoGroupByKey()
+            | "NodeComponents" >> beam.FlatMap(_node_components)
+        )
+        representatives = components | "KeptNode" >> beam.CombinePerKey(min)
+        labels = (
+            {"node": components, "kept": representatives}
+            | "JoinKept" >> beam.CoGroupByKey()
+            | "NodeLabels" >> beam.FlatMap(_node_labels)
+        )
+
         by_node = with_hash[0] | "ByNode" >> beam.Map(lambda r: (_image_node(r), r))
         joined = {"record": by_node, "label": labels} | "JoinLabels" >> beam.CoGroupByKey()
         out = split_rejects(
