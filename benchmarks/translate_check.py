@@ -1,7 +1,8 @@
 """Evaluate the translate-check scorer on Flickr8k-CN human and machine translations.
 
 Usage: python benchmarks/translate_check.py [--raw ../shared/data/raw] [--split test] [--limit N]
-       [--half fit|held-out] [--fit] [--speed N]
+       [--half fit|held-out] [--fit] [--weights FILE] [--encoder FILE] [--speed N]
+       python benchmarks/translate_check.py --train-encoder FILE [--epochs N] [--dim N]
 
 Pairs, all built from the chosen split's images (test has the 5,000 human translations):
 
@@ -21,6 +22,13 @@ on the positives (``human`` on the test split) together with that kind's negativ
 image id), so weights can be fitted on the human translations of one half of the test images and
 evaluated on the other. ``--speed N`` times ``TranslateChecker.score`` alone, in process CPU time,
 on the first N English captions with their Baidu translations (``enc#N`` / ``zhb#N``, all images).
+
+``--train-encoder FILE`` trains a ``BilingualEncoder`` on the train split's machine translations
+only (``enc#N`` with ``zhb#N`` and with ``zhg#N``, grouped by image, so the translations of the
+other captions of an image are its hard negatives) and saves it. ``--encoder FILE`` adds its
+cosine as the ``embedding`` sub-score; its weight and ``embedding_center`` come from ``--weights``
+(a ``--fit --encoder FILE`` output), so fit them on images the encoder was not trained on (the val
+split, or ``--half fit`` of the test split).
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ FILES = {
 }
 NEGATIVE_KINDS = ("zhc_same_image", "other_caption_same_image", "other_image")
 SUBSCORES = ("en_coverage", "zh_coverage", "coverage_min", "en_unmatched", "zh_unmatched", "length", "tokens",
-             "colours", "counts")
+             "colours", "counts", "embedding")
 
 
 def read_captions(raw: pathlib.Path, kind: str) -> dict[tuple[str, int], str]:
@@ -162,6 +170,20 @@ def score_pairs(checker: TranslateChecker, pairs: list[tuple[str, str]]) -> tupl
     return combined, {name: np.array(values) for name, values in subscores.items()}
 
 
+def encoder_training_pairs(raw: pathlib.Path, split: str = "train") -> list[tuple[str, str, str]]:
+    """Return (image, ``enc#N``, ``zhb#N``) and (image, ``enc#N``, ``zhg#N``) rows of the split's images."""
+    enc = read_captions(raw, "enc")
+    translations = (read_captions(raw, "zhb"), read_captions(raw, "zhg"))
+    rows = []
+    for image in read_split(raw, split):
+        for n in range(5):
+            en = enc.get((image, n))
+            if en is None:
+                continue
+            rows.extend((image, en, zh[(image, n)]) for zh in translations if (image, n) in zh)
+    return rows
+
+
 def evaluate(pairs: dict[str, list[tuple[str, str]]], config: CaptionConfig,
              positive_kind: str = "human") -> dict[str, dict]:
     """Score every kind and return the report dict (see the module docstring)."""
@@ -179,6 +201,8 @@ def evaluate(pairs: dict[str, list[tuple[str, str]]], config: CaptionConfig,
             entry.update(auc=roc_auc(positives, values), precision=precision, recall=recall, f1=f1)
             entry["subscore_auc"] = {}
             for name, sub in subscores.items():
+                if np.isnan(sub).all() and np.isnan(positive_subscores[name]).all():
+                    continue
                 pos = np.nan_to_num(positive_subscores[name], nan=0.5)
                 neg = np.nan_to_num(sub, nan=0.5)
                 entry["subscore_auc"][name] = roc_auc(pos, neg)
@@ -190,31 +214,63 @@ FIT_FEATURES = ("en_coverage", "zh_coverage", "coverage_min", "en_unmatched", "z
                 "counts")
 
 
-def fit_value(subscores: dict[str, float], name: str) -> float:
-    """Return a sub-score as the logistic model sees it (agreement sub-scores enter as value - 1)."""
+def fit_value(subscores: dict[str, float], name: str, center: float = 0.5) -> float:
+    """Return a sub-score as it enters the logistic model.
+
+    Agreement sub-scores enter as value - 1 and ``embedding`` as value - ``center``.
+    """
     if name in AGREEMENT_SUBSCORES:
         return subscores.get(name, 1.0) - 1.0
+    if name == "embedding":
+        return subscores.get(name, 0.0) - center
     return subscores.get(name, 0.0)
 
 
 def fit_weights(pairs: dict[str, list[tuple[str, str]]], config: CaptionConfig,
                 positive_kinds: tuple[str, ...] = ("mt_baidu", "mt_google"),
-                steps: int = 4000, l2: float = 1e-3) -> tuple[dict[str, float], float]:
+                steps: int = 4000, l2: float = 1e-3,
+                embedding_only: bool = False) -> tuple[dict[str, float], float, float]:
     """Fit the logistic weights and bias of FIT_FEATURES by gradient descent, classes balanced.
 
-    The positives are ``positive_kinds`` and the negatives all three NEGATIVE_KINDS.
+    The positives are ``positive_kinds`` and the negatives all three NEGATIVE_KINDS. With an
+    encoder configured, ``embedding`` is fitted too, centred on the midpoint of the mean positive
+    and mean negative cosine. Returns the weights, the bias and that centre.
+
+    ``embedding_only`` keeps the dictionary weights and the bias of ``config`` and fits only the
+    ``embedding`` weight and ``embedding_center``: the two values a pipeline run sets with
+    ``--translate-embedding-weight`` and ``--translate-embedding-center``. Pairs that a hard rule
+    rejects are left out of that fit, because the encoder cannot change their score.
     """
+    names = FIT_FEATURES
+    if config.embedding_model:
+        names = (*FIT_FEATURES, "embedding")
+        config = config.replace(weights={**config.weights, "embedding": 1.0})
+    elif embedding_only:
+        raise ValueError("embedding_only needs an encoder (embedding_model)")
     checker = TranslateChecker(config)
 
-    def features(kind_pairs):
-        rows = []
-        for zh, en in kind_pairs:
-            result = checker.score(normalize_caption(zh), normalize_caption(en))
-            rows.append([fit_value(result.subscores, name) for name in FIT_FEATURES])
-        return np.array(rows)
+    def subscores_of(kind_pairs):
+        results = (checker.score(normalize_caption(zh), normalize_caption(en)) for zh, en in kind_pairs)
+        return [result.subscores for result in results if not (embedding_only and result.rule)]
 
-    positives = np.vstack([features(pairs[kind]) for kind in positive_kinds])
-    negatives = np.vstack([features(pairs[kind]) for kind in NEGATIVE_KINDS])
+    positive_rows = [row for kind in positive_kinds for row in subscores_of(pairs[kind])]
+    negative_rows = [row for kind in NEGATIVE_KINDS for row in subscores_of(pairs[kind])]
+    center = config.embedding_center
+    if "embedding" in names:
+        mean_positive = statistics.fmean(row.get("embedding", 0.0) for row in positive_rows)
+        mean_negative = statistics.fmean(row.get("embedding", 0.0) for row in negative_rows)
+        center = round((mean_positive + mean_negative) / 2, 3)
+    offset = 0.0
+    if embedding_only:
+        # The dictionary part of each logit stays fixed, so it enters the descent as an offset.
+        def dictionary_logit(row: dict[str, float]) -> float:
+            terms = (config.weights.get(name, 0.0) * fit_value(row, name) for name in row if name != "embedding")
+            return config.translate_bias + sum(terms)
+
+        offset = np.array([dictionary_logit(row) for row in positive_rows + negative_rows])
+        names = ("embedding",)
+    positives = np.array([[fit_value(row, name, center) for name in names] for row in positive_rows])
+    negatives = np.array([[fit_value(row, name, center) for name in names] for row in negative_rows])
     x = np.vstack([positives, negatives])
     y = np.r_[np.ones(len(positives)), np.zeros(len(negatives))]
     sample_weight = np.where(y == 1, len(y) / (2 * len(positives)), len(y) / (2 * len(negatives)))
@@ -225,14 +281,19 @@ def fit_weights(pairs: dict[str, list[tuple[str, str]]], config: CaptionConfig,
     w = np.zeros(z.shape[1])
     b = 0.0
     for _ in range(steps):
-        p = 1.0 / (1.0 + np.exp(-(z @ w + b)))
+        p = 1.0 / (1.0 + np.exp(-(z @ w + b + offset)))
         gradient = (p - y) * sample_weight
         w -= 0.5 * (z.T @ gradient / len(y) + l2 * w)
         b -= 0.5 * gradient.mean()
 
     raw_weights = w / std
     raw_bias = b - float((w * mean / std).sum())
-    return {name: round(float(v), 3) for name, v in zip(FIT_FEATURES, raw_weights)}, round(raw_bias, 3)
+    if embedding_only:
+        # weight * (cosine - center) + raw_bias = weight * (cosine - new_center) moves the bias into the centre.
+        weight = float(raw_weights[0])
+        new_center = center - raw_bias / weight
+        return {"embedding": round(weight, 3)}, config.translate_bias, round(new_center, 4)
+    return {name: round(float(v), 3) for name, v in zip(names, raw_weights)}, round(raw_bias, 3), center
 
 
 def read_translation_pairs(raw: pathlib.Path, limit: int) -> list[tuple[str, str]]:
@@ -280,7 +341,8 @@ def format_report(report: dict) -> str:
     ]
     for kind, entry in report["kinds"].items():
         if "auc" in entry:
-            subs = " / ".join(f"{entry['subscore_auc'][name]:.3f}" for name in SUBSCORES)
+            subs = " / ".join(f"{entry['subscore_auc'][name]:.3f}" if name in entry["subscore_auc"] else "-"
+                              for name in SUBSCORES)
             lines.append(
                 f"| {kind} | {entry['n']} | {entry['auc']:.4f} | {entry['precision']:.4f} | {entry['recall']:.4f} "
                 f"| {entry['f1']:.4f} | {entry['accept_rate']:.4f} | {subs} |"
@@ -288,6 +350,22 @@ def format_report(report: dict) -> str:
         else:
             lines.append(f"| {kind} (positive) | {entry['n']} | | | | | {entry['accept_rate']:.4f} | |")
     return "\n".join(lines)
+
+
+def train_encoder_main(args: argparse.Namespace) -> int:
+    """Train and save an encoder on the train split's MT pairs; print its size and training CPU time."""
+    from bm6b.filters.bilingual_encoder import FeatureSettings, TrainSettings, train_encoder
+
+    rows = encoder_training_pairs(args.raw, "train")
+    started = time.process_time()
+    encoder = train_encoder(rows, FeatureSettings(zh_max_ngram=args.zh_max_ngram),
+                            TrainSettings(dim=args.dim, epochs=args.epochs))
+    cpu_s = time.process_time() - started
+    encoder.save(args.train_encoder)
+    print(json.dumps({"pairs": len(rows), "train_cpu_s": round(cpu_s, 1), "bytes": args.train_encoder.stat().st_size,
+                      "zh_rows": len(encoder.buckets["zh"]), "en_rows": len(encoder.buckets["en"]),
+                      "load_average_1min": round(os.getloadavg()[0], 2)}))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,16 +382,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fit", action="store_true",
                         help="fit the logistic weights on this split's pairs and print them; the positives are the "
                              "human translations where the split has them, otherwise the machine translations")
+    parser.add_argument("--fit-embedding-only", action="store_true",
+                        help="with --fit and --encoder: keep the dictionary weights and bias, fit only the embedding "
+                             "weight and embedding_center")
     parser.add_argument("--weights", type=pathlib.Path, default=None,
                         help="JSON file as printed by --fit; its weights and bias replace the defaults")
     parser.add_argument("--speed", type=int, metavar="N", default=None,
                         help="time the scorer alone on the first N enc/zhb pairs (CPU microseconds per pair)")
+    parser.add_argument("--encoder", default=None, metavar="FILE",
+                        help="encoder file whose cosine becomes the embedding sub-score (weight from --weights)")
+    parser.add_argument("--train-encoder", type=pathlib.Path, default=None, metavar="FILE",
+                        help="train an encoder on the train split's machine translations, save it here and exit")
+    parser.add_argument("--epochs", type=int, default=10, help="with --train-encoder: training epochs (default: 10)")
+    parser.add_argument("--dim", type=int, default=128, help="with --train-encoder: embedding dimension (default: 128)")
+    parser.add_argument("--zh-max-ngram", type=int, default=2,
+                        help="with --train-encoder: longest Chinese character n-gram feature (default: 2)")
     args = parser.parse_args(argv)
 
+    if args.train_encoder is not None:
+        return train_encoder_main(args)
     config = CaptionConfig()
+    if args.encoder is not None:
+        config = config.replace(embedding_model=args.encoder)
     if args.weights is not None:
         fitted = json.loads(args.weights.read_text())
-        config = config.replace(weights={**config.weights, **fitted["weights"]}, translate_bias=fitted["translate_bias"])
+        config = config.replace(weights={**config.weights, **fitted["weights"]}, translate_bias=fitted["translate_bias"],
+                                embedding_center=fitted.get("embedding_center", config.embedding_center))
     if args.speed is not None:
         result = time_scorer(TranslateChecker(config), read_translation_pairs(args.raw, args.speed))
         print(json.dumps(result))
@@ -321,8 +415,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.fit:
         pairs = build_pairs(args.raw, args.split, args.limit, half=args.half)
         positive_kinds = ("human",) if pairs["human"] else ("mt_baidu", "mt_google")
-        weights, bias = fit_weights(pairs, config, positive_kinds)
-        print(json.dumps({"weights": weights, "translate_bias": bias, "positives": positive_kinds}))
+        weights, bias, center = fit_weights(pairs, config, positive_kinds, embedding_only=args.fit_embedding_only)
+        fitted = {"weights": weights, "translate_bias": bias, "positives": positive_kinds}
+        if "embedding" in weights:
+            fitted["embedding_center"] = center
+        print(json.dumps(fitted))
         return 0
 
     started = time.perf_counter()

@@ -194,20 +194,40 @@ def test_cli_train_text_encoder(tmp_path):
     assert cli.main([*argv, "--force", "--temperature", "0"]) == 2  # invalid temperature
 
 
-def test_real_flickr8k_small():
+@pytest.fixture(scope="module")
+def flickr8k_encoder():
     raw = raw_path("flickr8k-cn").parent
     harness = load_harness()
     rows = harness.encoder_training_pairs(raw, "train")[:3000]  # the first 300 train images, zhb and zhg
-    # Measured on 2026-12-05: ROC-AUC 0.99 against other images and 0.86 against zhm#(N+1).
-    encoder = train_encoder(rows, FeatureSettings(), TrainSettings(dim=64, epochs=5))
+    return train_encoder(rows, FeatureSettings(), TrainSettings(dim=64, epochs=5))
+
+
+def test_real_flickr8k_small(flickr8k_encoder):
+    raw = raw_path("flickr8k-cn").parent
+    harness = load_harness()
     pairs = harness.build_pairs(raw, "test", limit=100)
 
     def cosines(kind):
-        return np.array([encoder.cosine(zh, en) for zh, en in pairs[kind]])
+        return np.array([flickr8k_encoder.cosine(zh, en) for zh, en in pairs[kind]])
 
+    # Measured on 2026-12-05: ROC-AUC 0.99 against other images and 0.86 against zhm#(N+1).
     positives = cosines("human")
     assert harness.roc_auc(positives, cosines("other_image")) >= 0.95
     assert harness.roc_auc(positives, cosines("other_caption_same_image")) >= 0.8
+
+
+def test_fit_embedding_only_keeps_dictionary(flickr8k_encoder, tmp_path):
+    raw = raw_path("flickr8k-cn").parent
+    harness = load_harness()
+    path = tmp_path / "encoder.npz"
+    flickr8k_encoder.save(path)
+    config = CaptionConfig().replace(embedding_model=str(path))
+    pairs = harness.build_pairs(raw, "test", limit=40)
+    weights, bias, center = harness.fit_weights(pairs, config, ("human",), steps=300, embedding_only=True)
+    assert set(weights) == {"embedding"}
+    assert bias == CaptionConfig().translate_bias
+    assert weights["embedding"] > 0.0  # a higher cosine must raise the score
+    assert 0.0 < center < 1.0
 
 
 def test_caption_options_set_encoder(trained, tmp_path):
