@@ -155,6 +155,25 @@ def test_load_malformed_files(trained, tmp_path):
         BilingualEncoder.load(unsorted)
 
 
+def test_load_invalid_settings(trained, tmp_path):
+    arrays = {f"{language}_{kind}": getattr(trained, kind)[language]
+              for language in ("zh", "en") for kind in ("buckets", "vectors")}
+    for settings, message in (({"buckets": "many"}, "invalid buckets"), ({"colour": 1}, "invalid hashing settings"),
+                              ({"buckets": 1 << 16, "zh_max_ngram": 9}, "invalid zh_max_ngram")):
+        path = tmp_path / "settings.npz"
+        header = {"format": "bm6b-bilingual-encoder", "version": 1, "settings": settings}
+        np.savez(path, header=np.array(json.dumps(header)), **arrays)
+        with pytest.raises(ValueError, match=message):
+            BilingualEncoder.load(path)
+
+
+def test_call_picks_table_by_script(trained):
+    zh, en = "一只黑色的狗在雪地上跑。", "A black dog runs on the snow ."
+    vectors = trained([zh, en])
+    assert np.array_equal(vectors[0], trained.encode([zh], "zh")[0])
+    assert np.array_equal(vectors[1], trained.encode([en], "en")[0])
+
+
 def test_config_accepts_encoder_path(trained, tmp_path):
     path = tmp_path / "encoder.npz"
     trained.save(path)

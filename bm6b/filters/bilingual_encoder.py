@@ -59,9 +59,10 @@ class FeatureSettings:
     traditional_to_simplified: bool = True  # OpenCC t2s before hashing, when opencc is installed
 
     def validate(self) -> None:
-        if self.buckets < 2:
-            raise ValueError(f"invalid buckets {self.buckets}: expected at least 2")
-        if not 1 <= self.zh_max_ngram <= 4:
+        # Bucket ids are stored as int32.
+        if not isinstance(self.buckets, int) or not 2 <= self.buckets <= 2**31:
+            raise ValueError(f"invalid buckets {self.buckets!r}: expected an integer from 2 to 2**31")
+        if not isinstance(self.zh_max_ngram, int) or not 1 <= self.zh_max_ngram <= 4:
             raise ValueError(f"invalid zh_max_ngram {self.zh_max_ngram}: expected 1 to 4")
 
 
@@ -238,7 +239,7 @@ class BilingualEncoder:
         try:
             settings = FeatureSettings(**header["settings"])
         except (KeyError, TypeError) as err:
-            raise ValueError(f"invalid encoder file {path}: bad hashing settings ({err})") from err
+            raise ValueError(f"invalid encoder file {path}: invalid hashing settings ({err})") from err
         try:
             return cls(settings,
                        {language: arrays[f"{language}_buckets"] for language in LANGUAGES},
