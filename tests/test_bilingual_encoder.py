@@ -211,6 +211,9 @@ def test_cli_train_text_encoder(tmp_path):
     assert BilingualEncoder.load(output).dim == 8
     assert cli.main(argv) == 2  # the output exists and --force is not given
     assert cli.main([*argv, "--force", "--temperature", "0"]) == 2  # invalid temperature
+    missing = ["train-text-encoder", "--pairs", str(tmp_path / "absent.tsv"), "--output", str(tmp_path / "new.npz")]
+    assert cli.main(missing) == 2
+    assert not (tmp_path / "new.npz").exists()
 
 
 @pytest.fixture(scope="module")

@@ -137,7 +137,7 @@ class BilingualEncoder:
         if len(dims) != 1:
             raise ValueError(f"invalid encoder: the zh and en vectors differ in dimension ({sorted(dims)})")
         self.dim = dims.pop()
-        # A Python dict lookup per feature is faster than np.searchsorted on a handful of ids.
+        # Table row of each stored bucket id.
         self._rows = {language: {int(b): i for i, b in enumerate(self.buckets[language])} for language in LANGUAGES}
         # Table rows per feature string, filled on first use, so a repeated feature skips CRC-32.
         self._feature_rows: dict[str, dict[str, int]] = {language: {} for language in LANGUAGES}
@@ -376,7 +376,11 @@ def train_encoder(pairs: Sequence[tuple[str, str, str]], settings: FeatureSettin
             total_loss += float(loss.detach())
             if bar is not None:
                 bar.update(1)
-        logger.info("epoch %d/%d: mean loss %.4f", epoch + 1, train.epochs, total_loss / batches_per_epoch)
+        mean_loss = total_loss / batches_per_epoch
+        if bar is not None:
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+        logger.log(logging.DEBUG if bar is not None else logging.INFO,
+                   "epoch %d/%d: mean loss %.4f", epoch + 1, train.epochs, mean_loss)
     if bar is not None:
         bar.close()
     logger.info("trained in %.1f s of CPU time", time.process_time() - started)

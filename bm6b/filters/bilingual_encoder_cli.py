@@ -41,6 +41,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from bm6b.filters.bilingual_encoder import FeatureSettings, TrainSettings, read_pairs_tsv, train_encoder
 
+    if not args.pairs.is_file():
+        raise FileNotFoundError(f"pairs file not found: {args.pairs}")
     if args.output.exists() and not args.force:
         raise FileExistsError(f"{args.output} exists; pass --force to overwrite it")
     if not args.output.parent.is_dir():
