@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --fit and --encoder: keep the dictionary weights and bias, fit only the embedding "
                              "weight and embedding_center")
     parser.add_argument("--weights", type=pathlib.Path, default=None,
-                        help="JSON file as printed by --fit; its weights and bias replace the defaults")
+                        help="JSON file as printed by --fit; its weights, bias and embedding_center replace the defaults")
     parser.add_argument("--speed", type=int, metavar="N", default=None,
                         help="time the scorer alone on the first N enc/zhb pairs (CPU microseconds per pair)")
     parser.add_argument("--encoder", default=None, metavar="FILE",
@@ -399,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --train-encoder: longest Chinese character n-gram feature (default: 2)")
     args = parser.parse_args(argv)
 
+    if args.fit_embedding_only and not (args.fit and args.encoder):
+        parser.error("--fit-embedding-only needs --fit and --encoder FILE")
     if args.train_encoder is not None:
         return train_encoder_main(args)
     config = CaptionConfig()
