@@ -206,6 +206,17 @@ class HostileServer:
             return self._send(sock, "200 OK", self.images[name], extra={"X-Robots-Tag": "noai, noimageai"})
         if path.startswith("/otherbot-noindex/") and name in self.images:
             return self._send(sock, "200 OK", self.images[name], extra={"X-Robots-Tag": "otherbot: noindex"})
+        if path.startswith("/early-hints/") and name in self.images:
+            # ?hints=N 103 Early Hints responses (2 by default), then a 100 Continue, then the 200.
+            hint = self._head("103 Early Hints", {"Link": "</style.css>; rel=preload; as=style"})
+            hints = int(query.get("hints", ["2"])[0])
+            sock.sendall(hint * hints + b"HTTP/1.1 100 Continue\r\n\r\n")
+            return self._send(sock, "200 OK", self.images[name])
+        if path == "/endless-early-hints":
+            hint = self._head("103 Early Hints", {"Link": "</style.css>; rel=preload; as=style"})
+            while not self.stopping.is_set():
+                sock.sendall(hint)  # raises OSError once the client closes the connection
+            return False
         if path == "/html-as-jpeg":
             return self._send(sock, "200 OK", NGINX_404, content_type="image/jpeg")
         if path == "/svg":

@@ -81,6 +81,8 @@ HOSTILE = {
     "/close-early": "reset",
     "/not-http": "http_error",
     "/noai/good0.jpg": "opted_out",
+    "/early-hints/good0.jpg": None,  # 103, 103 and 100 before the 200
+    "/endless-early-hints": "http_error",
 }
 
 
@@ -205,6 +207,27 @@ def test_excess_body_not_reused():
     assert second.body != SMUGGLED
     assert second.body == images["next.jpg"], second.detail
     assert third.body == images["next.jpg"], third.detail
+
+
+def test_early_hints_skipped(server):
+    fetcher = Fetcher(dataclasses.replace(CONFIG, host_concurrency=1))
+
+    hinted = fetcher.fetch(server.url("/early-hints/good0.jpg"))
+    at_bound = fetcher.fetch(server.url("/early-hints/good1.jpg?hints=9"))  # 9 x 103 + 100 = 10 skipped
+    past_bound = fetcher.fetch(server.url("/early-hints/good2.jpg?hints=10"))
+    endless = fetcher.fetch(server.url("/endless-early-hints"))
+    fetcher.close()
+
+    assert hinted.reason is None, hinted.detail
+    assert hinted.status == 200
+    assert hinted.body == GOOD["good0.jpg"]
+    assert at_bound.reason is None, at_bound.detail
+    assert at_bound.body == GOOD["good1.jpg"]
+    assert past_bound.reason == "http_error"
+    assert past_bound.detail == "more than 10 informational (1xx) responses without a final response"
+    assert endless.reason == "http_error"
+    assert endless.attempts == 1
+    assert server.requests["/endless-early-hints"] == 1
 
 
 class ZoneFileError(Exception):
