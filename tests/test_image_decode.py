@@ -420,6 +420,85 @@ def test_pixel_limit_above_pillow_default(monkeypatch):
     assert default.reason == "decompression_bomb"
 
 
+RED = (200, 30, 30)
+ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def rgb_png(width: int, height: int, scanlines: bytes, interlaced: bool = False) -> bytes:
+    """Return an 8-bit RGB PNG whose one IDAT chunk is a complete zlib stream of ``scanlines``."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, int(interlaced))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(scanlines)) + chunk(b"IEND", b"")
+
+
+def red_scanlines(width: int, rows: int) -> bytes:
+    return b"".join(b"\x00" + bytes(RED) * width for _ in range(rows))
+
+
+def red_adam7_passes(width: int, height: int) -> list[bytes]:
+    """Return the scanlines of each non-empty Adam7 pass of an all-red image."""
+    passes = []
+    for first_column, first_row, column_step, row_step in ADAM7:
+        columns = len(range(first_column, width, column_step))
+        rows = len(range(first_row, height, row_step))
+        if columns and rows:
+            passes.append(red_scanlines(columns, rows))
+    return passes
+
+
+def test_png_complete_pixel_data_kept():
+    # An 8x8 RGB row is 1 filter byte + 24 sample bytes, so the image needs 200 bytes.
+    data = rgb_png(8, 8, red_scanlines(8, 8))
+
+    image, size, source_format = decode_image(data, NO_RESIZE)
+
+    assert size == (8, 8)
+    assert source_format == "PNG"
+    assert np.all(pixels(image) == RED)
+    assert process_image(data).reason is None
+
+
+@pytest.mark.parametrize("rows", [1, 4, 7])
+def test_png_short_pixel_data_rejected(rows):
+    # Each row is 25 bytes and the zlib stream ends cleanly after ``rows`` of the 8 rows.
+    data = rgb_png(8, 8, red_scanlines(8, rows))
+
+    result = process_image(data)
+
+    assert result.reason == "decode_error"
+    assert result.detail == f"PNG pixel data ends after {25 * rows} of 200 bytes"
+    assert result.jpeg is None
+
+
+def test_png_stream_ending_mid_row_rejected():
+    # Pillow itself raises when the stream ends inside a row, because it writes only whole rows.
+    # The skipped recount for a nonzero last row relies on that.
+    data = rgb_png(8, 8, red_scanlines(8, 7) + red_scanlines(8, 1)[:12])
+
+    result = process_image(data)
+
+    assert result.reason == "decode_error"
+    assert result.jpeg is None
+
+
+def test_png_interlaced_pixel_data_checked():
+    # 10x7 RGB in Adam7 passes: 7 + 4 + 10 + 14 + 32 + 64 + 93 = 224 bytes, 131 without pass 7.
+    passes = red_adam7_passes(10, 7)
+    complete = rgb_png(10, 7, b"".join(passes), interlaced=True)
+    short = rgb_png(10, 7, b"".join(passes[:-1]), interlaced=True)
+
+    image, _, _ = decode_image(complete, NO_RESIZE)
+    result = process_image(short)
+
+    assert [len(scanlines) for scanlines in passes] == [7, 4, 10, 14, 32, 64, 93]
+    assert np.all(pixels(image) == RED)
+    assert result.reason == "decode_error"
+    assert result.detail == "PNG pixel data ends after 131 of 224 bytes"
+
+
 @pytest.mark.parametrize(
     "size, config",
     [

@@ -5,7 +5,8 @@ record, or into a reject reason. It never raises on bad image data. The decode s
 
 1. sniff the magic bytes and open with only the formats in ``DECODABLE_FORMATS``;
 2. reject more pixels than ``max_pixels`` before decoding (decompression bombs);
-3. decode the first frame only (animated GIF, WebP and APNG), truncated data is a decode_error;
+3. decode the first frame only (animated GIF, WebP and APNG), truncated data is a decode_error,
+   and so is a PNG whose pixel data ends before its last scanline;
 4. scale 16-bit and 32-bit samples to 8 bits by their range (never clip);
 5. convert through the embedded ICC profile to sRGB (CMYK, wide-gamut RGB, grey);
 6. composite palette transparency and alpha on ``background``;
@@ -21,6 +22,8 @@ import hashlib
 import io
 import logging
 import math
+import struct
+import zlib
 
 import imagehash
 import numpy as np
@@ -192,6 +195,72 @@ def _allow_pillow_pixels(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 
+# Samples per pixel for each PNG colour type: grey, RGB, palette index, grey and alpha, RGBA.
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+# The seven Adam7 passes of an interlaced PNG: (first column, first row, column step, row step).
+_ADAM7_PASSES = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+_PNG_COUNT_CHUNK = 1 << 20  # bytes of decompressed pixel data counted per zlib call
+
+
+def _png_filtered_size(width: int, height: int, bit_depth: int, color_type: int, interlaced: bool) -> int:
+    """Return the bytes of filtered scanlines (one filter byte per row) that an IHDR requires."""
+    bits_per_pixel = _PNG_CHANNELS[color_type] * bit_depth
+    passes = _ADAM7_PASSES if interlaced else ((0, 0, 1, 1),)
+    size = 0
+    for first_column, first_row, column_step, row_step in passes:
+        columns = max(0, -(-(width - first_column) // column_step))
+        rows = max(0, -(-(height - first_row) // row_step))
+        if columns and rows:
+            # An empty pass has no scanlines at all, so it has no filter bytes either.
+            size += rows * (1 + -(-(columns * bits_per_pixel) // 8))
+    return size
+
+
+def check_png_pixel_data(image: Image.Image, data: bytes) -> None:
+    """Raise ImageReject when a loaded PNG's pixel data is shorter than its IHDR requires.
+
+    Pillow 12.3 ends decoding without an error when the zlib stream ends cleanly before the last
+    scanline, and it leaves the missing rows zero (black or transparent). Call this only after
+    ``image.load()``, which validates the signature, the IHDR and the zlib stream. The chunks are
+    read again here and the decompressed bytes only counted, so memory stays bounded. The count
+    adds about a quarter to ``process_image`` on a 1024x768 RGB PNG (10 of 40 ms, measured), so
+    it is skipped when the last row of a non-interlaced image has a nonzero byte. Pillow's PNG
+    decoder writes a row only once all its bytes are decompressed, so that row was in the data.
+    """
+    view = memoryview(data)
+    width, height, bit_depth, color_type, _, _, interlace = struct.unpack(">IIBBBBB", view[16:29])
+    if color_type not in _PNG_CHANNELS:
+        return
+    if interlace == 0:
+        last_row = image.crop((0, image.height - 1, image.width, image.height)).tobytes()
+        if last_row.count(0) < len(last_row):
+            return
+    expected = _png_filtered_size(width, height, bit_depth, color_type, interlace == 1)
+
+    decompressor = zlib.decompressobj()
+    produced = 0
+    position = 8
+    try:
+        while position + 8 <= len(view) and produced < expected and not decompressor.eof:
+            length, kind = struct.unpack(">I4s", view[position : position + 8])
+            payload = view[position + 8 : position + 8 + length]
+            position += 12 + length
+            if kind == b"IEND":
+                break
+            if kind != b"IDAT":
+                continue
+            pending = payload
+            while pending and produced < expected and not decompressor.eof:
+                produced += len(decompressor.decompress(pending, _PNG_COUNT_CHUNK))
+                pending = decompressor.unconsumed_tail
+        if produced < expected and not decompressor.eof:
+            produced += len(decompressor.flush())
+    except zlib.error as err:
+        raise ImageReject(Reason.DECODE_ERROR, f"PNG pixel data is invalid: {err}") from err
+    if produced < expected:
+        raise ImageReject(Reason.DECODE_ERROR, f"PNG pixel data ends after {produced} of {expected} bytes")
+
+
 def decode_image(data: bytes, cfg: ImageConfig) -> tuple[Image.Image, tuple[int, int], str]:
     """Decode the first frame to upright 8-bit sRGB; return (image, original upright size, format).
 
@@ -226,6 +295,8 @@ def decode_image(data: bytes, cfg: ImageConfig) -> tuple[Image.Image, tuple[int,
             # so compare high bytes. NOTE: colours that differ from the key only in their low bytes
             # become transparent too, because the low bytes are gone.
             image.info["transparency"] = tuple(value >> 8 for value in image.info["transparency"])
+        if source_format == "PNG":
+            check_png_pixel_data(image, data)
         orientation = read_orientation(image)
         image = to_rgb(image, cfg.background)
     except ImageReject:
