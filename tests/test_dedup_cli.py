@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 
 import pyarrow.parquet as pq
 import pytest
@@ -80,7 +81,7 @@ def test_dedup_command_on_shards(shared_raw, tmp_path):
 
     stats = json.loads((out / "stats.json").read_text())
     assert [s["stage"] for s in stats["stages"]] == [
-        "dedup_url", "dedup_image", "decontam", "dedup_near_image", "dedup_caption", "write"
+        "ingest", "dedup_url", "dedup_image", "decontam", "dedup_near_image", "dedup_caption", "write"
     ]
     assert stats["kept"] == len(kept) == 9
     assert stats["rejected"] == 5
@@ -178,13 +179,118 @@ def test_dedup_command_unreadable_shard_files(tmp_path, caplog):
         assert not out.exists()
 
 
-def test_read_shard_damaged_tar_names_file(tmp_path):
+def _cut_tar(shards, member_suffix: str, into: int) -> tuple[list[str], int, int]:
+    """Cut ``00000.tar`` ``into`` bytes past the header of the second sample's ``member_suffix`` member.
+
+    Return the shard's keys in tar order, that member's header offset and the new file size.
+    """
+    path = shards / "00000.tar"
+    data = path.read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = tar.getmembers()
+    keys = sorted({member.name.split(".")[0] for member in members})
+    header = next(member.offset for member in members if member.name == keys[1] + member_suffix)
+    path.write_bytes(data[: header + into])
+    return keys, header, header + into
+
+
+@pytest.mark.parametrize(
+    "into, error",
+    [(812, "unexpected end of data"), (100, "partial header")],  # 300 bytes into the image data, or inside its header
+)
+def test_read_shard_cut_tar_keeps_readable_rows(tmp_path, into, error):
+    from bm6b.dedup.run import read_shard
+
+    shards = _small_shards(tmp_path)
+    with tarfile.open(shards / "00000.tar") as tar:
+        first_image = tar.extractfile(tar.getmembers()[0]).read()  # KEY.jpg of the first sample
+    keys, header, size = _cut_tar(shards, ".jpg", into)
+    tar_path = str(shards / "00000.tar")
+
+    records, rejects = read_shard(str(shards / "00000.parquet"))
+
+    assert [record["key"] for record in records] == keys[:1]
+    assert records[0]["image"] == first_image
+    assert records[0]["image_format"] == "jpg"
+    assert records[0]["caption_en"] == f"photo number {records[0]['source_row']}"
+    assert [reject["key"] for reject in rejects] == keys[1:]
+    assert {(reject["stage"], reject["reason"]) for reject in rejects} == {("ingest", "truncated_shard")}
+    assert rejects[0]["detail"] == f"its tar member in {tar_path} is cut off at byte {header} of {size} ({error})"
+    assert rejects[1]["detail"] == f"{tar_path} is cut off or damaged at byte {header} of {size} ({error}) before its image"
+    assert rejects[1]["url"].startswith("http://127.0.0.1/")
+
+
+def test_read_shard_unreadable_tar_rejects_rows(tmp_path):
     from bm6b.dedup.run import read_shard
 
     shards = _small_shards(tmp_path)
     (shards / "00000.tar").write_bytes(b"not a tar file" * 10)
-    with pytest.raises(ValueError, match="00000.tar is not a readable tar file"):
-        read_shard(str(shards / "00000.parquet"))
+
+    records, rejects = read_shard(str(shards / "00000.parquet"))
+
+    assert records == []
+    assert len(rejects) == 3
+    assert {reject["reason"] for reject in rejects} == {"truncated_shard"}
+    assert rejects[0]["detail"].endswith("00000.tar is cut off or damaged at byte 0 of 140 (truncated header) before its image")
+
+
+def test_read_shard_missing_member_rejected(tmp_path):
+    from bm6b.dedup.run import read_shard
+
+    shards = _small_shards(tmp_path)
+    path = shards / "00000.tar"
+    buffer = io.BytesIO()
+    with tarfile.open(path) as source, tarfile.open(fileobj=buffer, mode="w") as target:
+        keys = sorted({name.split(".")[0] for name in source.getnames()})
+        for member in source.getmembers():
+            if not member.name.startswith(keys[2]):
+                target.addfile(member, source.extractfile(member))
+    path.write_bytes(buffer.getvalue())
+
+    records, rejects = read_shard(str(shards / "00000.parquet"))
+
+    assert [record["key"] for record in records] == keys[:2]
+    assert [reject["key"] for reject in rejects] == keys[2:]
+    assert rejects[0]["detail"] == f"{path} does not contain its image, which {shards / '00000.parquet'} lists"
+
+
+def test_read_shard_webp_member(tmp_path):
+    from bm6b.dedup.run import read_shard
+
+    image = Image.new("RGB", (16, 16), (10, 200, 30))
+    buffer = io.BytesIO()
+    image.save(buffer, format="WEBP")
+    record = _record(0, image, buffer.getvalue(), None, "a green square", "http://127.0.0.1/green.webp")
+    record["image_format"] = "webp"
+    write_shard(str(tmp_path), 0, [record])
+
+    records, rejects = read_shard(str(tmp_path / "00000.parquet"))
+
+    assert rejects == []
+    assert records[0]["image"] == buffer.getvalue()
+    assert records[0]["image_format"] == "webp"
+
+
+def test_dedup_command_cut_tar_continues(tmp_path, caplog):
+    shards = _small_shards(tmp_path)
+    keys, header, size = _cut_tar(shards, ".jpg", 812)
+    out = tmp_path / "out"
+
+    assert main(["dedup", str(shards), "-o", str(out), "--runner=FnApiRunner"]) == 0
+
+    kept = pq.read_table(sorted(out.glob("[0-9]*.parquet"))).to_pylist()
+    rejects = pq.read_table(sorted((out / "rejects").glob("*.parquet"))).to_pylist()
+    stats = json.loads((out / "stats.json").read_text())
+    assert [row["key"] for row in kept] == keys[:1]
+    assert sorted((row["key"], row["stage"], row["reason"]) for row in rejects) == [
+        (keys[1], "ingest", "truncated_shard"), (keys[2], "ingest", "truncated_shard")
+    ]
+    assert stats["input_rows"] == 3
+    assert stats["kept"] == 1
+    assert stats["rejected"] == 2
+    assert stats["stages"][0] == {"stage": "ingest", "in": 3, "out": 1, "rejected": {"truncated_shard": 2}}
+    assert stats["stages"][-1]["out"] == 1
+    assert f"is cut off or damaged at byte {header} of {size}" in caplog.text
 
 
 def test_unconverged_nodes_reads_components_counter():

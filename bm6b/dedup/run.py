@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import logging
-import tarfile
 import time
 from typing import Any
 
@@ -15,8 +13,9 @@ from apache_beam.io.filesystems import FileSystems
 
 from bm6b.dedup.config import DedupConfig
 from bm6b.dedup.transforms import STAGE_IMAGE, STAGE_URL, DedupExactImages, DedupUrls, apply_dedup_steps, dedup_steps
+from bm6b.pipelines.img2dataset_input import _read_tar_samples as read_tar_samples
 from bm6b.pipelines.stats import compute_stats, write_stats
-from bm6b.schemas import REJECT_SCHEMA
+from bm6b.schemas import REJECT_SCHEMA, Reason, make_reject
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +36,7 @@ REQUIRED_COLUMNS = ("key", "url", "sha256", "phash", "caption_zh", "caption_en")
 def check_shards(parquet_paths: list[str]) -> None:
     """Raise FileNotFoundError or ValueError naming the first shard without its tar, a readable schema or ``REQUIRED_COLUMNS``.
 
-    The tars themselves are not read here, so a damaged tar still stops the job in ``read_shard``.
+    The tars themselves are not read here: ``read_shard`` rejects the rows whose images a damaged tar lost.
     """
     for path in parquet_paths:
         tar_path = path[: -len(".parquet")] + ".tar"
@@ -57,28 +56,57 @@ def check_shards(parquet_paths: list[str]) -> None:
             )
 
 
-def read_shard(parquet_path: str) -> list[dict[str, Any]]:
-    """Return the records of one shard: its Parquet rows with the JPEG bytes from the matching tar."""
+# Reading the input shards is the first stage of dedup, as reading the manifest is for curate.
+STAGE_READ = "ingest"
+# Image members that bm6b curate writes, one per sample: KEY.jpg or KEY.webp (--encode-format).
+IMAGE_EXTENSIONS = ("jpg", "webp")
+
+
+def read_shard(parquet_path: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Return the records and rejects of one shard: its Parquet rows joined with their images from the tar.
+
+    A tar that is cut off or damaged keeps the images read before the damage. Each row whose
+    image is not in the readable part of the tar, or not in the tar at all, becomes a
+    ``truncated_shard`` reject, so every row ends in the output or in the rejects table.
+    """
     with FileSystems.open(parquet_path) as handle:
         rows = pq.read_table(handle).to_pylist()
     tar_path = parquet_path[: -len(".parquet")] + ".tar"
-    images: dict[str, bytes] = {}
-    with FileSystems.open(tar_path) as handle:
-        data = handle.read()
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for member in tar:
-                if member.isfile() and member.name.endswith(".jpg"):
-                    images[member.name[: -len(".jpg")]] = tar.extractfile(member).read()
-    except tarfile.TarError as err:
-        raise ValueError(f"shard {tar_path} is not a readable tar file: {err}") from err
-    records = []
+    samples, cut = read_tar_samples(tar_path)
+
+    records, rejects = [], []
     for row in rows:
-        image = images.get(row["key"])
-        if image is None:
-            raise ValueError(f"shard {tar_path} has no image for key {row['key']} listed in {parquet_path}")
-        records.append({**row, "image": image, "captions": []})
-    return records
+        parts = samples.get(row["key"], {})
+        extension = next((extension for extension in IMAGE_EXTENSIONS if extension in parts), None)
+        if extension is not None:
+            records.append({**row, "image": parts[extension], "image_format": extension, "captions": []})
+            continue
+        if cut is not None and row["key"] == cut.key:
+            detail = f"its tar member in {tar_path} is cut off at byte {cut.offset} of {cut.size} ({cut.error})"
+        elif cut is not None:
+            detail = f"{tar_path} is cut off or damaged at byte {cut.offset} of {cut.size} ({cut.error}) before its image"
+        else:
+            detail = f"{tar_path} does not contain its image, which {parquet_path} lists"
+        rejects.append(make_reject(row, stage=STAGE_READ, reason=Reason.TRUNCATED_SHARD, detail=detail))
+
+    if cut is not None:
+        logger.warning(
+            "%s is cut off or damaged at byte %d of %d (%s, sample key %s); %d of %d rows kept, the rest rejected as %s",
+            tar_path, cut.offset, cut.size, cut.error, cut.key or "unknown", len(records), len(rows),
+            Reason.TRUNCATED_SHARD.value,
+        )
+    elif rejects:
+        logger.warning("%s lacks the images of %d of the %d rows in %s; they are rejected as %s",
+                       tar_path, len(rejects), len(rows), parquet_path, Reason.TRUNCATED_SHARD.value)
+    return records, rejects
+
+
+class _ReadShard(beam.DoFn):
+    def process(self, parquet_path: str):
+        records, rejects = read_shard(parquet_path)
+        yield from records
+        for reject in rejects:
+            yield beam.pvalue.TaggedOutput("rejects", reject)
 
 
 def build_dedup_pipeline(pipeline: beam.Pipeline, shard_paths: list[str], output: str, config: DedupConfig,
@@ -86,14 +114,14 @@ def build_dedup_pipeline(pipeline: beam.Pipeline, shard_paths: list[str], output
     """Add reading, the dedup steps and writing to ``pipeline``; return the stage names in order."""
     from bm6b.pipelines.curate import WriteShards
 
-    records = (
+    read = (
         pipeline
         | "ShardPaths" >> beam.Create(shard_paths)
-        | "ReadShards" >> beam.FlatMap(read_shard)
-        | "Spread" >> beam.Reshuffle()
+        | "ReadShards" >> beam.ParDo(_ReadShard()).with_outputs("rejects", main="records")
     )
-    stages = []
-    rejects = []
+    records = read.records | "Spread" >> beam.Reshuffle()
+    stages = [STAGE_READ]
+    rejects = [read.rejects]
     if config.urls:
         out = records | "DedupUrl" >> DedupUrls()
         records = out.records
