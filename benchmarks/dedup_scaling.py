@@ -8,7 +8,7 @@ and per-group verification the Beam steps use, driven by numpy in one process) a
 it runs on a random subset of queries and its full time is extrapolated linearly in the query
 count (each query scans all N codes). Recall is measured on the pairs of that subset. With
 ``--beam-sizes`` it instead times the ``DedupNearImages`` Beam step on random codes, which
-gives the per-element cost behind ``phash.BEAM_PAIR_COST``.
+gives the Beam step's cost per code and band, which ``phash.PAIR_COST`` weighs against verification.
 
     python benchmarks/dedup_scaling.py --sizes 1000000 10000000 --radius 6 --repeats 3 1 --queries 5000
 """
@@ -114,7 +114,7 @@ def pair_keys(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
 def measure(n: int, radius: int, candidates: str, bits: int | None, queries: int, repeats: int, seed: int,
             workers: int) -> dict:
     codes = planted_codes(n, radius, clustered_fraction=0.2, seed=seed)
-    scheme = ph.make_scheme(radius, candidates, count=n, bits=bits, pair_cost=ph.IN_MEMORY_PAIR_COST)
+    scheme = ph.make_scheme(radius, candidates, count=n, bits=bits, pair_cost=ph.PAIR_COST)
     banded_times, pair_times, banded_cpu = [], [], []
     for _ in range(repeats):
         rows, cols, labels, pair_time, total_time, cpu_time = run_banded(codes, scheme, workers)

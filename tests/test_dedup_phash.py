@@ -109,15 +109,13 @@ def test_estimated_work_by_hand():
 def test_auto_scheme_by_hand():
     # 1M codes, radius 6. Pigeonhole: 7e6 band values + 6.347e9 pairs; sampled: 64 tables of
     # 22 bits, 6.4e7 band values + 64 * 1e6**2 / 2**23 = 7.6e6 pairs.
-    # In memory (pair cost 0.03): 1.97e8 > 2 * 6.42e7, so sampled.
-    assert not ph.make_scheme(6, "auto", count=1_000_000, pair_cost=ph.IN_MEMORY_PAIR_COST).exact
-    # In Beam (pair cost 1e-4): 7.63e6 <= 2 * 6.4e7, so pigeonhole, and at 10M:
-    # 7e7 + 6.35e7 = 1.3e8 <= 2 * 104 * 1e7, pigeonhole again.
-    assert ph.make_scheme(6, "auto", count=1_000_000).exact
-    assert ph.make_scheme(6, "auto", count=10_000_000, pair_cost=ph.BEAM_PAIR_COST).exact
-    # 4e9 codes in Beam: pigeonhole 2.8e10 band values + 1e-4 * 1.0e17 pairs = 1.0e13, against
-    # 379 tables of 32 bits * 4e9 = 1.5e12 for sampled, so sampled.
-    assert not ph.make_scheme(6, "auto", count=4_000_000_000).exact
+    # With pair cost 0.03: 7e6 + 1.9e8 = 1.97e8 > 2 * 6.42e7, so sampled.
+    assert not ph.make_scheme(6, "auto", count=1_000_000).exact
+    # 500,000 codes: pigeonhole 3.5e6 + 0.03 * 1.587e9 = 5.11e7; sampled 55 tables of 21 bits
+    # (round(18.93) + 2), 2.75e7 + 0.03 * 55 * 2.5e11 / 2**22 = 2.76e7: 5.11e7 <= 5.52e7, so pigeonhole.
+    assert ph.make_scheme(6, "auto", count=500_000).exact
+    # A pair cost near zero keeps pigeonhole at 1M.
+    assert ph.make_scheme(6, "auto", count=1_000_000, pair_cost=1e-4).exact
 
 
 def test_auto_and_sampled_need_count():

@@ -30,11 +30,11 @@ def add_dedup_arguments(parser: argparse.ArgumentParser) -> None:
                        help="skip near-duplicate image dedup")
     group.add_argument("--near-dup-candidates", choices=["auto", "pigeonhole", "sampled"], default="auto",
                        help="candidate generation: pigeonhole bands (exact, work grows with the square of the "
-                       "image count), bit-sampling LSH tables (99%% recall at the radius, one shuffled element per image "
-                       "and table), or auto: pigeonhole unless its estimated work exceeds 2x that of sampled, which "
-                       "at radius 6 happens past about a billion images (default: auto)")
+                       "distinct pHash count), bit-sampling LSH tables (99%% recall at the radius, work about N^1.2), "
+                       "or auto: pigeonhole unless its estimated work exceeds 2x that of sampled, which at radius 6 "
+                       "happens past 500,000 to 700,000 distinct pHashes (default: auto)")
     group.add_argument("--near-dup-table-bits", type=int, default=None, metavar="BITS",
-                       help="bits per table of the sampled scheme (default: log2 of the image count, rounded, + 2)")
+                       help="bits per table of the sampled scheme (default: log2 of the distinct pHash count, rounded, + 2)")
     group.add_argument("--no-caption-dedup", dest="caption_dedup", action="store_false",
                        help="skip caption dedup (exact and near)")
     group.add_argument("--no-caption-near-dup", dest="caption_near_dup", action="store_false",

@@ -12,14 +12,12 @@ Candidate generation groups codes by (band, band value). Two schemes exist, and 
   ``radius`` is found with probability ``target_recall``. ``sampled_bits_for`` ties ``bits``
   to ``log2 N``, so a code shares its group with 0.18-0.35 random codes on average at any N. The tables
   then grow by about 1.6x per 10x codes (radius 6: 64 tables of 22 bits at 1M, 104 of 25 bits
-  at 10M). The work grows with N times the table count, not quadratically: about 25x per 10x
-  codes in ``benchmarks/dedup_scaling.py``, where the cost per code and table also grows.
+  at 10M), and the work with N times the table count: 16.5x per 10x codes in
+  ``benchmarks/dedup_scaling.py``, about N ** 1.22, against N ** 2 for brute force.
 * ``auto`` (the default): ``auto_scheme`` keeps pigeonhole while its estimated work stays within
-  ``EXACT_WORK_FACTOR`` times that of the sampled tables for the same N. The estimate weighs a
-  verified pair against one band value per code, and that weight differs by runtime: in Beam,
-  where each (band value, code) element costs microseconds, radius 6 stays exact up to about
-  a billion codes. In memory (``candidate_pairs``) it switches to sampled between 500,000 and
-  700,000 codes.
+  ``EXACT_WORK_FACTOR`` times that of the sampled tables for the same N. At radius 6 it switches
+  to sampled between 500,000 and 700,000 codes, in memory (``candidate_pairs``) and in the
+  Beam step alike, since both verify a pair for a small fraction of a band value's cost.
 
 Inside a group every pair of codes with equal band values is verified by popcount (numpy for
 small groups, a faiss ``IndexBinaryFlat`` range search in query chunks for large ones). In the
@@ -151,13 +149,11 @@ MAX_SAMPLED_BITS = 32
 # that of the sampled tables.
 EXACT_WORK_FACTOR = 2
 # Cost of verifying one candidate pair, in units of the cost of one code's value in one band.
-# In memory (``candidate_pairs``, numpy 2.4 and faiss 1.15 on 2 vCPUs): about 50 ns per code
-# and band at 1M codes, 1.5 ns per pair in faiss-verified groups.
-# NOTE: the Beam figure is an estimate from FnApiRunner runs (Beam 2.77) of 20,000 and 50,000
-# codes: 16-18 us per (band value, code) element through the band step and GroupByKey.
-# Other runners may differ by several times, which moves the switch to sampled by as much.
-IN_MEMORY_PAIR_COST = 0.03
-BEAM_PAIR_COST = 1e-4
+# In memory (numpy 2.4 and faiss 1.15 on 2 vCPUs): about 60 ns per code and band at 1M codes,
+# 1.5 ns per pair in faiss-verified groups. The Beam step handles the same numpy chunks; on the
+# in-process runner its extra cost per code and band was below the noise of a 200,000-code run
+# (under 0.2 us), so the same weight serves both.
+PAIR_COST = 0.03
 
 
 def sampled_bits_for(count: int, radius: int) -> int:
@@ -186,12 +182,11 @@ def auto_scheme(radius: int, count: int, pair_cost: float, target_recall: float 
 
 
 def make_scheme(radius: int, candidates: str = "auto", count: int | None = None, bits: int | None = None,
-                pair_cost: float = BEAM_PAIR_COST, target_recall: float = 0.99) -> BandScheme:
+                pair_cost: float = PAIR_COST, target_recall: float = 0.99) -> BandScheme:
     """Build the candidate scheme named ``candidates`` for ``count`` codes.
 
     ``auto`` and ``sampled`` without ``bits`` need ``count`` (the number of codes searched).
-    ``pair_cost`` weighs verification against band values for ``auto``: ``BEAM_PAIR_COST`` for
-    the Beam steps, ``IN_MEMORY_PAIR_COST`` for ``candidate_pairs``.
+    ``pair_cost`` weighs verification against band values for ``auto``.
     """
     if candidates not in CANDIDATE_SCHEMES:
         raise ValueError(f"unknown candidate scheme {candidates!r}; expected one of {', '.join(CANDIDATE_SCHEMES)}")
