@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from bm6b.filters.caption_config import CaptionConfig
@@ -150,3 +152,53 @@ def test_lone_surrogates_become_replacement_character():
     assert normalize_caption("\udc80\u732b") == "\ufffd\u732b"
     assert normalize_caption("\ud83d\ude00 smile") == "\ufffd\ufffd smile"
     normalize_caption("x \udfff y").encode("utf-8")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("\x1b[1;32mGreen tea\x1b[0m in a glass cup", "Green tea in a glass cup"),  # SGR colour and reset
+        ("\x1b[2J\x1b[HA dog running on the beach", "A dog running on the beach"),  # clear screen, cursor home
+        ("\x1b[?25lloading... a cat on a sofa\x1b[?25h", "loading... a cat on a sofa"),  # private parameters
+        ("\x1b(B\x1b[mA red car parked outside", "A red car parked outside"),  # what `tput sgr0` prints
+        ("\x1b]0;user@host: ~\x07Two children playing football", "Two children playing football"),  # OSC title, BEL
+        ("\x1b]8;;http://photos.test/1\x1b\\Sunset\x1b]8;;\x1b\\ over the sea", "Sunset over the sea"),  # OSC 8, ST
+        ("\x1b7a bird\x1b8 on a branch", "a bird on a branch"),  # save and restore the cursor
+        ("\x1b[31m一只猫\x1b[0m坐在窗台上", "一只猫坐在窗台上"),
+        ("Tom &amp; Jerry \x1b[1mposter\x1b[22m", "Tom & Jerry poster"),
+    ],
+)
+def test_terminal_escapes_removed(text, expected):
+    assert normalize_caption(text) == expected
+
+
+def test_bracket_text_without_escape_kept():
+    assert normalize_caption("[2J hello") == "[2J hello"
+    assert normalize_caption("Track [1m] remix") == "Track [1m] remix"
+    assert normalize_caption("photo [31m] of a red wall, 第[3]张") == "photo [31m] of a red wall, 第[3]张"
+
+
+def test_unterminated_escape_drops_only_esc():
+    # A sequence cut off before its final byte or terminator is not removed, and its ESC becomes a space.
+    assert normalize_caption("a cat on a mat \x1b[31") == "a cat on a mat [31"
+    assert normalize_caption("\x1b]0;window title without end") == "]0;window title without end"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\x1b[" + "0" * 100_000,  # one CSI whose parameters never end
+        "\x1b[" + " " * 100_000,  # ... whose intermediate bytes never end
+        "\x1b]" + "a" * 100_000,  # one OSC string without a terminator
+        "\x1b[1" * 33_000,  # many CSIs cut off by the next ESC
+        "\x1b]x" * 33_000,
+        "\x1b(" * 50_000,
+    ],
+)
+def test_terminal_escapes_linear_time(text):
+    # Each of these took under 0.03 s of CPU (2 shared cores, load average about 1). A search
+    # that rescanned the text to its end from every ESC would need on the order of 10^9 steps.
+    config = CaptionConfig(max_input_chars=200_000)
+    started = time.process_time()
+    normalize_caption(text, config)
+    assert time.process_time() - started < 1.0

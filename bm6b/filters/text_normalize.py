@@ -1,9 +1,17 @@
 """Caption normalization: one canonical form for every caption before language ID and filters.
 
 Steps, in order: cut to ``max_input_chars``, lone surrogates to U+FFFD, HTML entities (twice, for
-double-escaped text), HTML tags, mojibake repair with ftfy, control and zero-width characters, Unicode NFKC with Chinese
-punctuation kept full-width after Han characters, whitespace. Pure ASCII captions without ``&``
-or ``<`` skip the Unicode steps, which keeps the common English case cheap.
+double-escaped text), HTML tags, mojibake repair with ftfy, terminal escape sequences, control and
+zero-width characters, Unicode NFKC with Chinese punctuation kept full-width after Han characters,
+whitespace. Pure ASCII captions without ``&`` or ``<`` skip the Unicode steps, which keeps the
+common English case cheap.
+
+Terminal escape sequences (ECMA-48, e.g. ``ESC [ 1 ; 3 1 m`` for bold red) are removed whole, so
+no ``[31m`` is left behind when the ESC itself is dropped as a control character. Only sequences
+that start with ESC (U+001B) are removed. Text such as ``[2J`` without an ESC stays, because it
+can be part of a real caption. The 8-bit introducers U+009B (CSI) and U+009D (OSC) are left to the
+control step too, because U+009B is also what the cp1252 byte 0x9B ("›") becomes when text is
+decoded as Latin-1. A sequence cut off before its final byte or terminator stays, except its ESC.
 """
 
 from __future__ import annotations
@@ -32,6 +40,17 @@ _INVISIBLE_RE = re.compile(
 # Lone surrogates, from JSON "\\ud800" escapes or UTF-16 cut in half. UTF-8 (Parquet, fastText)
 # cannot encode them, so each becomes U+FFFD, the Unicode replacement character.
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
+# Terminal escape sequences that start with ESC, in ECMA-48 terms. The four forms are a CSI
+# sequence (ESC [, parameter bytes, intermediate bytes, one final byte), a control string (ESC ]
+# for OSC, or ESC P, X, ^, _) ended by ST (ESC \) or BEL, an nF sequence such as ESC ( B, and ESC
+# with one final byte such as ESC 7. The possessive quantifiers never backtrack, and no class contains ESC, so a match attempt
+# never reads past the next ESC and the whole search is linear in the text length.
+_TERMINAL_ESCAPE_RE = re.compile(
+    r"\x1b\[[0-?]*+[ -/]*+[@-~]"
+    r"|\x1b[\]PX^_][^\x07\x1b]*+(?:\x07|\x1b\\)"
+    r"|\x1b[ -/]++[0-~]"
+    r"|\x1b[0-OQ-WYZ\\`-~]"
+)
 # C0 and C1 controls, and line or paragraph separators; they become a space.
 _CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
@@ -70,6 +89,13 @@ def repair_mojibake(text: str) -> str:
     if not _MOJIBAKE_HINT_RE.search(text):
         return text
     return ftfy.fix_encoding(text)
+
+
+def strip_terminal_escapes(text: str) -> str:
+    """Remove the terminal escape sequences that start with ESC, as the module docstring describes."""
+    if "\x1b" not in text:
+        return text
+    return _TERMINAL_ESCAPE_RE.sub("", text)
 
 
 def remove_invisible(text: str) -> str:
@@ -126,6 +152,8 @@ def normalize_caption(text: str | None, config: CaptionConfig | None = None) -> 
     if config.fix_mojibake:
         text = repair_mojibake(text)
 
+    # Before control characters become spaces, which would leave "[31m" and the like behind.
+    text = strip_terminal_escapes(text)
     text = remove_invisible(text)
     if config.join_han_spaces:
         # Before NFKC, so full-width punctuation separated from Han by a space is still kept.
