@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import random
@@ -137,6 +138,28 @@ def test_near_images_cluster_and_representative(candidates):
     }
     assert {r["reason"] for r in out["rejects"]} == {"near_duplicate_image"}
     assert {r["stage"] for r in out["rejects"]} == {"dedup_near_image"}
+
+
+def test_near_images_with_bands_split_into_parts(monkeypatch, caplog):
+    # With at most 2 codes per (band, part) group, 40 codes split each band into 20 parts; the
+    # clusters must come out as with one part. Ten clusters of four codes 1-3 bits apart.
+    monkeypatch.setattr(ph, "GROUP_CODES", 2)
+    rng = random.Random(7)
+    rows, expected_kept = [], set()
+    for cluster in range(10):
+        center = rng.getrandbits(64)
+        for member in range(4):
+            code = center ^ sum(1 << bit for bit in rng.sample(range(64), member))
+            key = f"{cluster * 4 + member + 1:016x}"
+            # Member 0 has the largest image, so it is the kept sample of its cluster.
+            rows.append(make(key, phash=code, orig_width=100 - member, orig_height=100, caption_en=key))
+            if member == 0:
+                expected_kept.add(key)
+    with caplog.at_level(logging.INFO, logger="bm6b.dedup.transforms"):
+        out = run_transform(DedupNearImages(radius=6, candidates="pigeonhole"), rows)
+    assert "40 distinct pHash codes, pigeonhole scheme with 7 bands of 9-10 bits, 20 parts per band" in caplog.text
+    assert {r["key"] for r in out["records"]} == expected_kept
+    assert len(out["rejects"]) == 30
 
 
 def test_near_images_equal_codes_without_neighbors():
