@@ -155,6 +155,31 @@ def test_load_malformed_files(trained, tmp_path):
         BilingualEncoder.load(unsorted)
 
 
+def test_load_npy_truncated_and_nan_files(trained, tmp_path):
+    single = tmp_path / "single.npz"
+    with open(single, "wb") as handle:
+        np.save(handle, np.arange(3))  # a .npy payload under an .npz name
+    with pytest.raises(ValueError, match="single.npz: not a readable .npz archive"):
+        BilingualEncoder.load(single)
+
+    saved = tmp_path / "saved.npz"
+    trained.save(saved)
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(saved.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="truncated.npz: not a readable .npz archive"):
+        BilingualEncoder.load(truncated)
+
+    with np.load(saved) as data:
+        arrays = dict(data)
+    arrays["en_vectors"] = arrays["en_vectors"].copy()
+    arrays["en_vectors"][0, 0] = np.nan
+    arrays["en_vectors"][1, 1] = np.inf
+    damaged = tmp_path / "damaged.npz"
+    np.savez(damaged, **arrays)
+    with pytest.raises(ValueError, match="invalid en vectors: 2 values are NaN or infinite"):
+        BilingualEncoder.load(damaged)
+
+
 def test_load_invalid_settings(trained, tmp_path):
     arrays = {f"{language}_{kind}": getattr(trained, kind)[language]
               for language in ("zh", "en") for kind in ("buckets", "vectors")}
@@ -198,6 +223,32 @@ def test_read_pairs_tsv_rejects_bad_rows(tmp_path):
     bad.write_text("img1\tA dog .\t一只狗。\nimg2\tonly two fields\n", encoding="utf-8")
     with pytest.raises(ValueError, match="invalid row 2"):
         read_pairs_tsv(bad)
+
+
+def test_read_pairs_tsv_bom_crlf_and_encoding(tmp_path):
+    text = "img1\tA dog .\t一只狗。\nimg1\tA cat .\t一只猫。\n"
+    expected = [("img1", "A dog .", "一只狗。"), ("img1", "A cat .", "一只猫。")]
+    bom = tmp_path / "bom.tsv"
+    bom.write_bytes(text.encode("utf-8-sig"))
+    assert read_pairs_tsv(bom) == expected  # the first group_id is "img1", not "\ufeffimg1"
+    crlf = tmp_path / "crlf.tsv"
+    crlf.write_bytes(text.replace("\n", "\r\n").encode("utf-8"))
+    assert read_pairs_tsv(crlf) == expected
+    latin1 = tmp_path / "latin1.tsv"
+    latin1.write_bytes(b"img1\tA dog .\t\xe4\xb8\x80\n" + "img2\tA café .\tx\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="invalid row 2 in .*latin1.tsv: not UTF-8"):
+        read_pairs_tsv(latin1)
+
+
+def test_cli_train_text_encoder_output_folder(tmp_path):
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("img1\tA dog .\t一只狗。\n", encoding="utf-8")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    argv = ["train-text-encoder", "--pairs", str(tsv), "--output", str(folder), "--force", "--epochs", "1",
+            "--dim", "8", "--no-progress"]
+    assert cli.main(argv) == 2
+    assert list(folder.iterdir()) == []
 
 
 def test_cli_train_text_encoder(tmp_path):

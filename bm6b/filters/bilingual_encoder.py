@@ -29,6 +29,7 @@ import random
 import re
 import time
 import unicodedata
+import zipfile
 import zlib
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -131,6 +132,8 @@ class BilingualEncoder:
                 raise ValueError(f"invalid {language} table: {ids.shape} bucket ids for {table.shape} vectors")
             if len(ids) and (np.any(np.diff(ids) <= 0) or ids[0] < 0 or ids[-1] >= settings.buckets):
                 raise ValueError(f"invalid {language} bucket ids: expected sorted unique ids below {settings.buckets}")
+            if not np.all(np.isfinite(table)):
+                raise ValueError(f"invalid {language} vectors: {int(np.sum(~np.isfinite(table)))} values are NaN or infinite")
             self.buckets[language] = ids
             self.vectors[language] = table
         dims = {table.shape[1] for table in self.vectors.values()}
@@ -220,9 +223,13 @@ class BilingualEncoder:
         if not path.is_file():
             raise FileNotFoundError(f"encoder file not found: {path}")
         try:
-            with np.load(path, allow_pickle=False) as data:
+            data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                # np.load returns a bare array for a .npy file, whatever the file name says.
+                raise ValueError("it contains a single array, as np.save writes")
+            with data:
                 arrays = {name: data[name] for name in data.files}
-        except (OSError, ValueError, EOFError, zlib.error) as err:
+        except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as err:
             raise ValueError(f"invalid encoder file {path}: not a readable .npz archive ({err})") from err
         missing = {"header", "zh_buckets", "en_buckets", "zh_vectors", "en_vectors"} - set(arrays)
         if missing:
@@ -270,10 +277,19 @@ class TrainSettings:
 
 
 def read_pairs_tsv(path: str | pathlib.Path) -> list[tuple[str, str, str]]:
-    """Read (group_id, en, zh) rows from a UTF-8 TSV without a header; blank lines are skipped."""
+    """Read (group_id, en, zh) rows from a UTF-8 TSV without a header; blank lines are skipped.
+
+    A UTF-8 byte order mark at the start is dropped, so it does not end up in the first group_id.
+    Raises ValueError naming the path and row for a row that is not UTF-8 or has the wrong fields.
+    """
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"invalid row {number} in {path}: not UTF-8 ({err.reason} at byte {err.start} "
+                                 "of the row); save the file as UTF-8") from err
             line = line.rstrip("\r\n")
             if not line.strip():
                 continue

@@ -43,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.pairs.is_file():
         raise FileNotFoundError(f"pairs file not found: {args.pairs}")
+    if args.output.is_dir():
+        raise FileExistsError(f"--output {args.output} is an existing folder; give the path of the .npz file to write")
     if args.output.exists() and not args.force:
         raise FileExistsError(f"{args.output} exists; pass --force to overwrite it")
     if not args.output.parent.is_dir():
