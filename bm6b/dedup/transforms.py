@@ -258,7 +258,12 @@ class DedupNearImages(beam.PTransform):
 
         # Each clustered node learns its component, then the smallest node of the component
         # (the representative rule) is found with a combiner, so no worker holds a whole cluster.
-        roots = code_labels | "Roots" >> beam.Map(lambda e: (e[1], True))
+        roots = (
+            code_labels
+            | "RootCodes" >> beam.Values()
+            | "DistinctRoots" >> beam.Distinct()
+            | "Roots" >> beam.Map(lambda code: (code, True))
+        )
         components = (
             {"node": nodes, "label": code_labels, "root": roots}
             | "JoinCodes" >> beam.CoGroupByKey()
