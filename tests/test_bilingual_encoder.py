@@ -21,7 +21,7 @@ from bm6b.filters.bilingual_encoder import (
     zh_features,
 )
 from bm6b.filters.caption_config import CaptionConfig
-from bm6b.filters.translate import TranslateChecker
+from bm6b.filters.translate import TranslateChecker, load_encoder
 from test_text_stages import caption_parser
 from test_translate import load_harness
 from text_data import raw_path
@@ -315,6 +315,46 @@ def test_caption_options_set_encoder(trained, tmp_path):
     zh, en = "一只黑色的狗在雪地上跑。", "A black dog runs on the snow ."
     result = TranslateChecker(config).score(zh, en)
     assert result.subscores["embedding"] == pytest.approx(trained.cosine(zh, en))
+
+
+def test_caption_options_check_encoder_early(trained, tmp_path, caplog):
+    # Workers load the encoder after the download, so bad encoder options must fail while the
+    # config is built.
+    def config_of(*argv):
+        return captions.caption_config_from_args(caption_parser().parse_args(list(argv)))
+
+    path = tmp_path / "encoder.npz"
+    trained.save(path)
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip archive")
+    check = ["--translate-check", "--translate-embedding-weight", "11.6", "--translate-embedding-model"]
+    with pytest.raises(FileNotFoundError, match="absent.npz"):
+        config_of(*check, str(tmp_path / "absent.npz"))
+    with pytest.raises(ValueError, match="garbage.npz: not a readable .npz archive"):
+        config_of(*check, str(garbage))
+    with pytest.raises(ValueError, match="cannot import module 'no_such_module_bm6b'"):
+        config_of(*check, "no_such_module_bm6b:make")
+    with pytest.raises(ValueError, match="module 'json' has no callable 'no_such_factory'"):
+        config_of(*check, "json:no_such_factory")
+    with pytest.raises(ValueError, match="invalid --translate-embedding-weight nan"):
+        config_of("--translate-check", "--translate-embedding-weight", "nan", "--translate-embedding-model", str(path))
+    with pytest.raises(ValueError, match="invalid --translate-embedding-center inf"):
+        config_of("--translate-check", "--translate-embedding-center", "inf")
+    assert config_of(*check, str(path)).embedding_model == str(path)
+    assert caplog.text == ""
+
+    config_of("--translate-embedding-model", str(path))
+    assert "has no effect without --translate-check" in caplog.text
+    caplog.clear()
+    config_of("--translate-check", "--translate-embedding-model", str(path))
+    assert "has no effect with --translate-embedding-weight 0.0" in caplog.text
+
+
+def test_load_encoder_unknown_factory():
+    with pytest.raises(ValueError, match="cannot import module"):
+        load_encoder("no_such_module_bm6b:make")
+    with pytest.raises(ValueError, match="has no callable"):
+        load_encoder("json:no_such_factory")
 
 
 def test_help_lists_train_text_encoder(capsys):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from typing import Any
 
 from bm6b.filters import lid as lid_module
@@ -347,7 +348,33 @@ def caption_config_from_args(args: argparse.Namespace) -> CaptionConfig:
     load_boilerplate(tuple(config.boilerplate_files))
     for language, paths in config.blocklist_files.items():
         load_blocklist(language, tuple(paths))
+    _check_embedding_options(args)
     return config
+
+
+def _check_embedding_options(args: argparse.Namespace) -> None:
+    """Check the translate-check encoder options before the pipeline starts.
+
+    Workers load the encoder only when the translate-check stage starts, after the images are
+    downloaded, so a missing or damaged encoder file is caught here instead.
+    """
+    for option, value in (("--translate-embedding-weight", args.translate_embedding_weight),
+                          ("--translate-embedding-center", args.translate_embedding_center)):
+        if not math.isfinite(value):
+            raise ValueError(f"invalid {option} {value}: expected a finite number")
+    spec = args.translate_embedding_model
+    if not spec:
+        return
+    if not args.translate_check:
+        logger.warning("--translate-embedding-model %s has no effect without --translate-check", spec)
+        return
+    if args.translate_embedding_weight <= 0.0:
+        logger.warning("--translate-embedding-model %s has no effect with --translate-embedding-weight %s; "
+                       "set a positive weight (fit one with benchmarks/translate_check.py --fit)",
+                       spec, args.translate_embedding_weight)
+    from bm6b.filters.translate import check_encoder
+
+    check_encoder(spec)
 
 
 __all__ = [

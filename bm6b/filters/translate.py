@@ -510,6 +510,26 @@ def _uncovered_content_runs(zh: str, covered: set[int]) -> list[str]:
 Encoder = Callable[[Sequence[str]], Sequence[Sequence[float]]]
 
 
+def _is_encoder_file(spec: str) -> bool:
+    return spec.endswith(".npz") or os.sep in spec or "/" in spec or pathlib.Path(spec).is_file()
+
+
+def _encoder_factory(spec: str) -> Callable[[], Encoder]:
+    """Import the ``module:callable`` factory named by ``spec``; raise ValueError when it cannot be found."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"invalid embedding model {spec!r}: no encoder file at that path, and not "
+                         "'module:callable'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"invalid embedding model {spec!r}: cannot import module {module_name!r} ({err})") from err
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise ValueError(f"invalid embedding model {spec!r}: module {module_name!r} has no callable {attribute!r}")
+    return factory
+
+
 def load_encoder(spec: str) -> Encoder:
     """Load the encoder named by ``embedding_model``.
 
@@ -517,16 +537,23 @@ def load_encoder(spec: str) -> Encoder:
     ending in ``.npz``, containing a path separator, or naming an existing file) or ``module:callable``,
     a factory that is imported and called once.
     """
-    if spec.endswith(".npz") or os.sep in spec or "/" in spec or pathlib.Path(spec).is_file():
+    if _is_encoder_file(spec):
         from bm6b.filters.bilingual_encoder import BilingualEncoder
 
         return BilingualEncoder.load(spec)
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise ValueError(f"invalid embedding model {spec!r}: no encoder file at that path, and not "
-                         "'module:callable'")
-    factory = getattr(importlib.import_module(module_name), attribute)
-    return factory()
+    return _encoder_factory(spec)()
+
+
+def check_encoder(spec: str) -> None:
+    """Raise FileNotFoundError or ValueError when ``load_encoder(spec)`` would fail on a bad file or name.
+
+    An encoder file is read in full. A factory is imported but not called, because calling it may
+    load a large model. An error inside the factory therefore still surfaces only on a worker.
+    """
+    if _is_encoder_file(spec):
+        load_encoder(spec)
+    else:
+        _encoder_factory(spec)
 
 
 class TranslateChecker:
