@@ -141,8 +141,8 @@ def test_near_images_cluster_and_representative(candidates):
 
 
 def test_near_images_with_bands_split_into_parts(monkeypatch, caplog):
-    # With at most 2 codes per (band, part) group, 40 codes split each band into 20 parts; the
-    # clusters must come out as with one part. Ten clusters of four codes 1-3 bits apart.
+    # With at most 2 codes per (band, part) group, 40 codes split each band into 20 parts. The
+    # clusters must be the same as with one part: ten clusters of four codes, 1-3 bits apart.
     monkeypatch.setattr(ph, "GROUP_CODES", 2)
     rng = random.Random(7)
     rows, expected_kept = [], set()

@@ -136,7 +136,7 @@ def test_dedup_command_reports_unconverged_components(tmp_path, caplog):
     # 30 pHash codes in a chain, one bit apart: radius 1 links only neighbours, and one round pair
     # of large-star/small-star cannot reduce a 30-node chain to one star. The flips alternate
     # between the low and the high 32 bits (the two pigeonhole bands at radius 1), so each band
-    # group holds one link of the chain and cannot join the chain by itself.
+    # group contains one link of the chain and cannot join the chain by itself.
     shards = tmp_path / "in"
     shards.mkdir()
     records = []

@@ -163,10 +163,10 @@ def _edges(codes, values, radius):
     return sorted(zip(low.tolist(), root.tolist()))
 
 
-def test_group_code_edges_join_close_codes_that_share_a_value():
+def test_group_code_edges_by_radius():
     codes = [5, 5, 7, 1 << 40, (1 << 40) | 3, 9]
-    # 5 and 7 differ in one bit; 1 << 40 and (1 << 40) | 3 in two, beyond radius 1; 9 is one
-    # bit from... nothing with its value: 9 = 0b1001 and 5 = 0b0101 differ in two bits.
+    # 5 (0b0101) and 7 (0b0111) differ in one bit, 9 (0b1001) and 5 in two, 9 and 7 in three.
+    # 1 << 40 and (1 << 40) | 3 differ in two bits. The repeated 5 counts once.
     values = [1, 1, 1, 2, 2, 1]
     assert _edges(codes, values, radius=1) == [(7, 5)]
     assert _edges(codes, values, radius=2) == [(7, 5), (9, 5), ((1 << 40) | 3, 1 << 40)]
@@ -174,7 +174,7 @@ def test_group_code_edges_join_close_codes_that_share_a_value():
     assert _edges([5, 7], [1, 2], radius=1) == []
 
 
-def test_group_code_edges_stay_below_group_size():
+def test_group_code_edges_below_group_size():
     # 3,000 members, all within radius 4 of each other and sharing one band value: a full graph
     # verified with faiss (the group exceeds FAISS_MIN_GROUP), sent as a star of n - 1 edges.
     base = 0xFFFF_0000_FFFF_0000

@@ -150,9 +150,9 @@ MAX_SAMPLED_BITS = 32
 EXACT_WORK_FACTOR = 2
 # Cost of verifying one candidate pair, in units of the cost of one code's value in one band.
 # In memory (numpy 2.4 and faiss 1.15 on 2 vCPUs): about 60 ns per code and band at 1M codes,
-# 1.5 ns per pair in faiss-verified groups. The Beam step handles the same numpy chunks; on the
-# in-process runner its extra cost per code and band was below the noise of a 200,000-code run
-# (under 0.2 us), so the same weight serves both.
+# 1.5 ns per pair in faiss-verified groups. The Beam step runs the same numpy code on chunks. On
+# the in-process runner its extra cost per code and band was below the noise of a 200,000-code
+# run (under 0.2 us), so one weight serves both.
 PAIR_COST = 0.03
 
 
@@ -333,7 +333,7 @@ def _verified_collisions(codes: np.ndarray, values: np.ndarray, radius: int) -> 
     yield from _pairs_in_groups(codes, order, starts, sizes, radius)
 
 
-# The Beam band step splits each band's values into parts so that a (band, part) group holds
+# The Beam band step splits each band's values into parts, so that a (band, part) group contains
 # about this many distinct codes: 12 MB of codes and band values.
 GROUP_CODES = 1 << 20
 

@@ -256,8 +256,8 @@ class DedupNearImages(beam.PTransform):
         )
         code_labels = code_edges | "Components" >> ConnectedComponents(self.rounds)
 
-        # Each clustered node learns its component, then the smallest node of the component
-        # (the representative rule) is found with a combiner, so no worker holds a whole cluster.
+        # Each clustered node gets its component, and a combiner finds the smallest node of each
+        # component (the representative rule), so no worker keeps a whole cluster in memory.
         roots = (
             code_labels
             | "RootCodes" >> beam.Values()
