@@ -12,6 +12,10 @@ Preference order, first difference wins:
 ``node_id`` encodes that order in a string, so the lexicographically smallest node of a
 cluster is its representative. The distributed connected components propagate the minimum
 node, which then is the kept sample directly.
+
+A node id is ``<24-digit rank prefix>\0<key>\0<extra>``. NUL sorts below every other
+character, so a key that is a prefix of another ("a", "a0") sorts first as in ``keep_rank``,
+and the key is read back whole even when it contains the separator of other formats ("|").
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from typing import Any
 _MAX_PIXELS = 10**13 - 1
 _CLIP_SCALE = 10**8
 _CLIP_SLOTS = 10**10 - 1
-SEPARATOR = "|"
+# NUL: the smallest character, so "key" + SEPARATOR sorts before any longer key it starts.
+SEPARATOR = "\0"
+_PREFIX_WIDTH = 1 + 13 + 10
 
 
 def _clip_score(record: dict[str, Any]) -> float | None:
@@ -45,7 +51,11 @@ def keep_rank(record: dict[str, Any]) -> tuple:
 
 
 def node_id(record: dict[str, Any], extra: str = "") -> str:
-    """Return a string whose lexicographic order is the representative rule, ending in ``|key[|extra]``."""
+    """Return a string whose lexicographic order is the representative rule, ending in ``\\0key\\0extra``.
+
+    ``extra`` must not contain NUL. A key that contains NUL can rank out of order against the
+    key that ends at that NUL.
+    """
     both = bool(record.get("caption_zh")) and bool(record.get("caption_en"))
     score = _clip_score(record)
     # CLIP cosine scores lie in [-1, 1]; higher must sort first, and "no score" sorts last.
@@ -54,17 +64,14 @@ def node_id(record: dict[str, Any], extra: str = "") -> str:
     else:
         clip_slot = min(_CLIP_SLOTS - 1, max(0, round((1.0 - max(-1.0, min(1.0, score))) * _CLIP_SCALE)))
     prefix = f"{0 if both else 1}{_MAX_PIXELS - _pixels(record):013d}{clip_slot:010d}"
-    parts = [prefix, record["key"]]
-    if extra:
-        parts.append(extra)
-    return SEPARATOR.join(parts)
+    return SEPARATOR.join((prefix, record["key"], extra))
 
 
 def node_key(node: str) -> str:
     """Return the sample key inside a node id."""
-    return node.split(SEPARATOR)[1]
+    return node[_PREFIX_WIDTH + 1 :].rpartition(SEPARATOR)[0]
 
 
 def node_extra(node: str) -> str:
-    parts = node.split(SEPARATOR)
-    return parts[2] if len(parts) > 2 else ""
+    """Return the ``extra`` text of a node id ("" when none was given)."""
+    return node.rpartition(SEPARATOR)[2]
