@@ -121,6 +121,55 @@ def test_dedup_command_missing_columns(tmp_path, caplog):
         assert not out.exists()
 
 
+def test_dedup_command_int64_phash_column(tmp_path):
+    # A shard written with phash as int64 (pandas, other tools) holds codes >= 2**63 as negative
+    # numbers. They must cluster and be written back as the same unsigned codes.
+    import pyarrow as pa
+    import pyarrow.parquet as pq_module
+
+    shards = tmp_path / "in"
+    shards.mkdir()
+    codes = [(1 << 64) - 1, (1 << 64) - 2, 5]  # the first two are 1 bit apart
+    records = []
+    for row, code in enumerate(codes):
+        image = Image.new("RGB", (16, 16), (row * 50, 0, 0))
+        record = _record(row, image, _jpeg(image), None, f"distinct caption number {row}", f"http://127.0.0.1/{row}.jpg")
+        record["phash"] = code
+        record["sha256"] = f"{row:064x}"
+        records.append(record)
+    write_shard(str(shards), 0, records)
+    path = shards / "00000.parquet"
+    table = pq_module.read_table(path)
+    signed = pa.array([code - (1 << 64) if code >= 1 << 63 else code for code in codes], pa.int64())
+    table = table.set_column(table.schema.get_field_index("phash"), pa.field("phash", pa.int64()), signed)
+    pq_module.write_table(table, path)
+
+    out = tmp_path / "out"
+    assert main(["dedup", str(shards), "-o", str(out), "--near-dup-radius", "2", "--runner=FnApiRunner"]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["kept"] == 2
+    assert stats["rejects_by_reason"] == {"near_duplicate_image": 1}
+    assert sorted(pq_module.read_table(out / "00000.parquet").column("phash").to_pylist()) == [5, (1 << 64) - 1]
+    [reject] = pq_module.read_table(out / "rejects" / "rejects-00000-of-00001.parquet").to_pylist()
+    assert reject["detail"].endswith("(pHash Hamming distance 1)")
+
+
+def test_dedup_command_phash_of_wrong_type(tmp_path, caplog):
+    import pyarrow as pa
+    import pyarrow.parquet as pq_module
+
+    shards = _small_shards(tmp_path)
+    path = shards / "00000.parquet"
+    table = pq_module.read_table(path)
+    hex_codes = pa.array([f"{code:016x}" for code in table.column("phash").to_pylist()])
+    table = table.set_column(table.schema.get_field_index("phash"), pa.field("phash", pa.string()), hex_codes)
+    pq_module.write_table(table, path)
+    out = tmp_path / "out"
+    assert main(["dedup", str(shards), "-o", str(out), "--runner=FnApiRunner"]) == 2
+    assert "has phash of type string; expected uint64" in caplog.text
+    assert not out.exists()
+
+
 def test_dedup_command_samples_per_shard_below_one(tmp_path, capsys):
     shards = _small_shards(tmp_path)
     for value in ("0", "-3"):

@@ -44,16 +44,19 @@ def check_shards(parquet_paths: list[str]) -> None:
             raise FileNotFoundError(f"shard image file {tar_path} not found; each NNNNN.parquet needs its NNNNN.tar")
         try:
             with FileSystems.open(path) as handle:
-                names = set(pq.read_schema(handle).names)
+                schema = pq.read_schema(handle)
         except (OSError, pa.ArrowException) as err:
             raise ValueError(f"shard {path} is not a readable Parquet file: {err}") from err
-        missing = [column for column in REQUIRED_COLUMNS if column not in names]
+        missing = [column for column in REQUIRED_COLUMNS if column not in schema.names]
         if missing:
             noun = "column" if len(missing) == 1 else "columns"
             raise ValueError(
                 f"shard {path} is missing {noun} {', '.join(missing)}; "
                 "dedup reads shards written by bm6b curate or bm6b dedup"
             )
+        phash_type = schema.field("phash").type
+        if phash_type not in (pa.uint64(), pa.int64()):
+            raise ValueError(f"shard {path} has phash of type {phash_type}; expected uint64 (or int64 holding the same 64 bits)")
 
 
 # Reading the input shards is the first stage of dedup, as reading the manifest is for curate.
@@ -76,6 +79,9 @@ def read_shard(parquet_path: str) -> tuple[list[dict[str, Any]], list[dict[str, 
 
     records, rejects = [], []
     for row in rows:
+        if row["phash"] is not None and row["phash"] < 0:
+            # An int64 column stores the upper half of the 64-bit codes as negative numbers.
+            row["phash"] += 1 << 64
         parts = samples.get(row["key"], {})
         extension = next((extension for extension in IMAGE_EXTENSIONS if extension in parts), None)
         if extension is not None:
