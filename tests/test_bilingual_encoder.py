@@ -240,6 +240,16 @@ def test_read_pairs_tsv_bom_crlf_and_encoding(tmp_path):
         read_pairs_tsv(latin1)
 
 
+def test_train_swapped_columns_and_skipped_pairs(caplog):
+    swapped = [("img1", "一只狗在跑", "A dog runs ."), ("img2", "两只猫", "Two cats .")]
+    with pytest.raises(ValueError, match="check the column order group_id, en, zh"):
+        train_encoder(swapped, train=TrainSettings(dim=4, epochs=1))
+    # "。。" has no Chinese character, so the second pair has no zh features.
+    mixed = [("img1", "A dog runs .", "一只狗在跑"), ("img2", "Two cats .", "。。")]
+    train_encoder(mixed, train=TrainSettings(dim=4, epochs=1))
+    assert "skipped 1 of 2 pairs without features on one side" in caplog.text
+
+
 def test_cli_train_text_encoder_output_folder(tmp_path):
     tsv = tmp_path / "pairs.tsv"
     tsv.write_text("img1\tA dog .\t一只狗。\n", encoding="utf-8")

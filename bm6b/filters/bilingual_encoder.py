@@ -349,7 +349,11 @@ def train_encoder(pairs: Sequence[tuple[str, str, str]], settings: FeatureSettin
         en_bags.append(en_rows)
         en_ids.append(en_index.setdefault((group, en), len(en_index)))
     if not zh_bags:
-        raise ValueError("no training pair has features on both sides")
+        raise ValueError("no training pair has features on both sides: the en field needs Latin letters or "
+                         "digits and the zh field Chinese characters; check the column order group_id, en, zh")
+    if len(zh_bags) < len(pairs):
+        logger.warning("skipped %d of %d pairs without features on one side (no Chinese characters in zh, "
+                       "or no Latin letters or digits in en)", len(pairs) - len(zh_bags), len(pairs))
     logger.info("training on %d pairs in %d groups; %d zh and %d en buckets in use",
                 len(zh_bags), len(groups), len(row_of["zh"]), len(row_of["en"]))
 
