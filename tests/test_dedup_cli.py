@@ -170,6 +170,23 @@ def test_dedup_command_phash_of_wrong_type(tmp_path, caplog):
     assert not out.exists()
 
 
+def test_dedup_command_table_bits_need_sampled(tmp_path, caplog):
+    # The bits set the sampled tables only; with auto or pigeonhole they were silently ignored.
+    shards = _small_shards(tmp_path)
+    for candidates in ("auto", "pigeonhole"):
+        out = tmp_path / f"out-{candidates}"
+        argv = ["dedup", str(shards), "-o", str(out), "--near-dup-candidates", candidates,
+                "--near-dup-table-bits", "12", "--runner=FnApiRunner"]
+        assert main(argv) == 2
+        assert f"applies only to --near-dup-candidates sampled, not {candidates}" in caplog.text
+        assert not out.exists()
+    out = tmp_path / "out-sampled"
+    argv = ["dedup", str(shards), "-o", str(out), "--near-dup-candidates", "sampled", "--near-dup-table-bits", "12",
+            "--runner=FnApiRunner"]
+    assert main(argv) == 0
+    assert json.loads((out / "stats.json").read_text())["dedup"]["sampled_bits"] == 12
+
+
 def test_dedup_command_samples_per_shard_below_one(tmp_path, capsys):
     shards = _small_shards(tmp_path)
     for value in ("0", "-3"):

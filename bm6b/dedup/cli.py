@@ -50,6 +50,12 @@ def add_dedup_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def dedup_config_from_args(args: argparse.Namespace) -> DedupConfig:
+    """Build the DedupConfig of a run; raise ValueError for options that would be ignored."""
+    if args.near_dup_table_bits is not None and args.near_dup_candidates != "sampled":
+        # Only the sampled scheme reads the bits; auto derives its own from the pHash count.
+        raise ValueError(f"--near-dup-table-bits {args.near_dup_table_bits} applies only to "
+                         f"--near-dup-candidates sampled, not {args.near_dup_candidates}; "
+                         "add --near-dup-candidates sampled or drop --near-dup-table-bits")
     return DedupConfig(
         urls=args.url_dedup,
         near_images=args.near_dup_images,
