@@ -12,8 +12,9 @@ Candidate generation groups codes by (band, band value). Two schemes exist, and 
   ``radius`` is found with probability ``target_recall``. ``sampled_bits_for`` ties ``bits``
   to ``log2 N``, so a code shares its group with 0.18-0.35 random codes on average at any N. The tables
   then grow by about 1.6x per 10x codes (radius 6: 64 tables of 22 bits at 1M, 104 of 25 bits
-  at 10M), and the work with N times the table count: 16.5x per 10x codes in
-  ``benchmarks/dedup_scaling.py``, about N ** 1.22, against N ** 2 for brute force.
+  at 10M), and the work with N times the table count: 16.5x from 1M to 10M codes in
+  ``benchmarks/dedup_scaling.py``, about N ** 1.22, against N ** 2 for brute force. In one
+  process it is steeper past 10M (N ** 1.4 to 30M), where each table sorts hundreds of MB.
 * ``auto`` (the default): ``auto_scheme`` keeps pigeonhole while its estimated work stays within
   ``EXACT_WORK_FACTOR`` times that of the sampled tables for the same N. At radius 6 it switches
   to sampled between 500,000 and 700,000 codes, in memory (``candidate_pairs``) and in the
