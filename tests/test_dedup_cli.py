@@ -122,8 +122,8 @@ def test_dedup_command_missing_columns(tmp_path, caplog):
 
 
 def test_dedup_command_int64_phash_column(tmp_path):
-    # A shard written with phash as int64 (pandas, other tools) holds codes >= 2**63 as negative
-    # numbers. They must cluster and be written back as the same unsigned codes.
+    # A shard written with phash as int64 (by pandas or other tools) stores codes >= 2**63 as
+    # negative numbers. They must cluster and be written back as the same unsigned codes.
     import pyarrow as pa
     import pyarrow.parquet as pq_module
 

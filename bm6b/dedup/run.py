@@ -56,7 +56,7 @@ def check_shards(parquet_paths: list[str]) -> None:
             )
         phash_type = schema.field("phash").type
         if phash_type not in (pa.uint64(), pa.int64()):
-            raise ValueError(f"shard {path} has phash of type {phash_type}; expected uint64 (or int64 holding the same 64 bits)")
+            raise ValueError(f"shard {path} has phash of type {phash_type}; expected uint64 (or int64 with the same 64 bits)")
 
 
 # Reading the input shards is the first stage of dedup, as reading the manifest is for curate.

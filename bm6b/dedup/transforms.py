@@ -243,7 +243,7 @@ class DedupNearImages(beam.PTransform):
         radius = self.radius
         nodes = with_hash[0] | "NodeByCode" >> beam.Map(lambda r: (_signed_code(r), _image_node(r)))
 
-        # Band groups see each distinct code once, in numpy chunks; the count picks the scheme.
+        # Band groups see each distinct code once, in numpy chunks. The count picks the scheme.
         codes = nodes | "Codes" >> beam.Keys() | "DistinctCodes" >> beam.Distinct()
         count = codes | "CountCodes" >> beam.combiners.Count.Globally()
         code_edges = (

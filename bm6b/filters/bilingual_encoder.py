@@ -225,7 +225,7 @@ class BilingualEncoder:
         try:
             data = np.load(path, allow_pickle=False)
             if not isinstance(data, np.lib.npyio.NpzFile):
-                # np.load returns a bare array for a .npy file, whatever the file name says.
+                # np.load returns a bare array for a .npy file, whatever the file name ends in.
                 raise ValueError("it contains a single array, as np.save writes")
             with data:
                 arrays = {name: data[name] for name in data.files}

@@ -40,11 +40,13 @@ _INVISIBLE_RE = re.compile(
 # Lone surrogates, from JSON "\\ud800" escapes or UTF-16 cut in half. UTF-8 (Parquet, fastText)
 # cannot encode them, so each becomes U+FFFD, the Unicode replacement character.
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
-# Terminal escape sequences that start with ESC, in ECMA-48 terms. The four forms are a CSI
-# sequence (ESC [, parameter bytes, intermediate bytes, one final byte), a control string (ESC ]
-# for OSC, or ESC P, X, ^, _) ended by ST (ESC \) or BEL, an nF sequence such as ESC ( B, and ESC
-# with one final byte such as ESC 7. The possessive quantifiers never backtrack, and no class contains ESC, so a match attempt
-# never reads past the next ESC and the whole search is linear in the text length.
+# Terminal escape sequences that start with ESC, in ECMA-48 terms, in four forms:
+# - CSI: ESC [, parameter bytes, intermediate bytes, one final byte;
+# - a control string: ESC ] (OSC) or ESC P, X, ^ or _, ended by ST (ESC \) or BEL;
+# - an nF sequence such as ESC ( B;
+# - ESC with one final byte, such as ESC 7.
+# The possessive quantifiers never backtrack, and no class contains ESC. So a match attempt never
+# reads past the next ESC, and the whole search is linear in the text length.
 _TERMINAL_ESCAPE_RE = re.compile(
     r"\x1b\[[0-?]*+[ -/]*+[@-~]"
     r"|\x1b[\]PX^_][^\x07\x1b]*+(?:\x07|\x1b\\)"

@@ -690,8 +690,8 @@ class TranslateChecker:
     def _cosine(self, zh: str, en: str) -> float:
         pair_cosine = getattr(self.encoder, "cosine", None)
         if pair_cosine is not None:
-            # A bilingual encoder (``BilingualEncoder``) has one table per language, so it is told
-            # which side is which instead of guessing from the text.
+            # A bilingual encoder (``BilingualEncoder``) has one table per language, so it gets
+            # the zh and en sides by position instead of guessing the language from the text.
             return max(0.0, pair_cosine(zh, en))
         a, b = self.encoder([zh, en])
         dot = sum(x * y for x, y in zip(a, b))
