@@ -10,7 +10,8 @@ export HF_HUB_OFFLINE := 1
 install: $(STAMP)
 
 # pip (not uv or poetry): it finds the machine's local torch wheels; see pyproject.toml for the pins.
-$(STAMP): pyproject.toml
+# A changed .pyx file is compiled again by the install.
+$(STAMP): pyproject.toml setup.py $(wildcard bm6b/filters/*.pyx)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
