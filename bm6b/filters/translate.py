@@ -45,6 +45,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from bm6b.filters import speedups
 from bm6b.filters.caption_config import CaptionConfig
 from bm6b.filters.text_normalize import HAN_CLASS
 
@@ -566,8 +567,23 @@ class TranslateChecker:
         self.encoder = encoder
         if self.encoder is None and self.config.embedding_model:
             self.encoder = load_encoder(self.config.embedding_model)
+        # The compiled scorer gives the same scores; it has no encoder, so it runs only without one.
+        self._fast = None
+        if not self._uses_encoder():
+            module = speedups.compiled("_translate_fast")
+            if module is not None:
+                self._fast = module.FastScorer(self)
+
+    def _uses_encoder(self) -> bool:
+        return self.encoder is not None and self.config.weights.get("embedding", 0.0) > 0.0
 
     def score(self, zh: str, en: str) -> TranslateScore:
+        if self._fast is not None:
+            return self._fast.score(zh, en)
+        return self._score_python(zh, en)
+
+    def _score_python(self, zh: str, en: str) -> TranslateScore:
+        """The reference scorer; ``_translate_fast.FastScorer`` gives the same results."""
         config = self.config
 
         # The sub-scores share one Han count of zh. The Latin tokens of zh are counted only when
@@ -604,7 +620,7 @@ class TranslateChecker:
         counts = agreement(zh_counts(zh), en_counts(en_tokens))
         if counts is not None:
             subscores["counts"] = counts
-        if self.encoder is not None and config.weights.get("embedding", 0.0) > 0.0:
+        if self._uses_encoder():
             subscores["embedding"] = self._cosine(zh, en)
 
         return TranslateScore(self._combine(subscores), subscores)

@@ -1,0 +1,124 @@
+"""The compiled translate-check scorer against the pure-Python reference, score for score."""
+
+from __future__ import annotations
+
+import random
+import shutil
+
+import pytest
+
+from bm6b.filters import speedups
+from bm6b.filters.caption_config import CaptionConfig
+from bm6b.filters.translate import TranslateChecker, TranslateScore
+from text_data import flickr8k_captions
+
+# Pairs that reach each branch of the scorer: hard rules, Latin words and digits on the zh side,
+# digits, colours and counts on the en side, traditional characters, CJK Extension B, kana,
+# overlapping dictionary words, and text with no Han at all.
+HAND_PAIRS = [
+    ("一个自行车手在路上。", "A bicyclist on the road ."),
+    ("两只狗在雪地上玩耍。", "Two brown dogs play in the snow ."),
+    ("两只棕色的狗在雪地上玩耍。", "Two brown dogs play in the snow ."),
+    ("三只狗在雪地上玩耍。", "Two dogs play in the snow ."),
+    ("两只狗在打闹。", "Two brown dogs playfully fight in the snow ."),
+    ("一个人坐在缆车上。", "A man sits on a chairlift ."),
+    ("穿红衣服的女孩在草地上跑。", "A girl in red runs on the grass ."),
+    ("一隻狗在草地上跑。", "A dog runs on the grass ."),
+    ("他说：有风湿性关节炎", "He says he has rheumatoid arthritis"),
+    ("一个男孩在游泳池里游泳。", "A boy swims in the swimming pool ."),
+    ("iPhone 12 放在桌子上", "An iPhone 12 on a table"),
+    ("3个孩子在公园", "3 children in the park"),
+    ("十个人在跑步", "ten people are running"),
+    ("𠀀𠀁一只猫", "a cat"),
+    ("猫の写真", "a photo of a cat"),
+    ("A dog runs", "a dog runs"),
+    ("A dog runs on grass", "a dog on the grass"),
+    ("一只狗在草地上跑", "一只狗在草地上跑 dog"),
+    ("一只狗", "一只狗"),
+    ("", "a dog"),
+    ("一只狗", ""),
+    ("", ""),
+    ("   ", " "),
+    ("一只狗", "!!! ???"),
+    ("狗" * 3000, "dog " * 3000),
+    ("金发女人穿着粉红色的衬衫。", "A blonde woman in a pink shirt ."),
+    ("一对夫妇在海边", "a couple by the ocean, isn't it nice"),
+    ("一位老人\u200b在读报纸", "An old man reads the NEWSPAPER"),
+    ("一个男人在骑摩托车 。", "A man rides a motorbike ."),
+]
+
+
+def same(fast: TranslateScore, reference: TranslateScore) -> bool:
+    return (fast.combined, fast.rule, fast.subscores) == (reference.combined, reference.rule, reference.subscores) and \
+        list(fast.subscores) == list(reference.subscores)
+
+
+@pytest.fixture(scope="module")
+def checker():
+    checker = TranslateChecker(CaptionConfig())
+    if checker._fast is None:
+        pytest.skip("bm6b.filters._translate_fast is not built or BM6B_PURE_PYTHON is set")
+    return checker
+
+
+def test_compiled_scorer_is_built_where_a_compiler_exists():
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine, so the pure-Python scorer is expected")
+    if speedups.pure_python():
+        pytest.skip("BM6B_PURE_PYTHON is set")
+    assert speedups.compiled("_translate_fast") is not None, "reinstall bm6b: the compiled scorer was not built"
+
+
+def test_pure_python_switch(monkeypatch):
+    monkeypatch.setenv("BM6B_PURE_PYTHON", "1")
+    assert TranslateChecker(CaptionConfig())._fast is None
+
+
+def test_hand_pairs_score_the_same(checker):
+    for zh, en in HAND_PAIRS:
+        assert same(checker.score(zh, en), checker._score_python(zh, en)), (zh, en)
+
+
+def test_changed_configuration_reaches_the_compiled_scorer():
+    config = CaptionConfig()
+    weights = dict(config.weights, colours=0.0)
+    lenient = TranslateChecker(config.replace(translate_bias=0.0, weights=weights))
+    if lenient._fast is None:
+        pytest.skip("compiled scorer not built")
+    for zh, en in HAND_PAIRS:
+        assert same(lenient.score(zh, en), lenient._score_python(zh, en)), (zh, en)
+
+
+def flickr8k_pairs(limit_per_kind: int) -> list[tuple[str, str]]:
+    english = flickr8k_captions("enc")
+    keys = sorted(english)
+    rng = random.Random(8)
+    pairs = []
+    for kind in ("zhb", "zhg", "zhc", "zhm"):
+        chinese = flickr8k_captions(kind)
+        matched = [(chinese[key], english[key]) for key in keys if key in chinese]
+        pairs += rng.sample(matched, min(limit_per_kind, len(matched)))
+        texts = sorted(chinese.values())
+        pairs += [(rng.choice(texts), english[rng.choice(keys)]) for _ in range(limit_per_kind // 4)]
+    return pairs
+
+
+def variants(zh: str, en: str) -> list[tuple[str, str]]:
+    return [
+        (zh + " iPhone 3", en),
+        (zh, en + " with 2 dogs"),
+        (zh.replace("。", " "), en.upper()),
+        (zh + "１２", en + " 12"),
+        ("ｄｏｇ" + zh, en),
+        (zh + "😀", en + " café"),
+        (en, en),
+        (zh, zh),
+    ]
+
+
+def test_real_pairs_score_the_same(checker):
+    pairs = flickr8k_pairs(3000)
+    pairs += [variant for zh, en in pairs[:1000] for variant in variants(zh, en)]
+    differences = [(zh, en) for zh, en in pairs if not same(checker.score(zh, en), checker._score_python(zh, en))]
+    assert len(pairs) > 15000
+    assert differences == []
