@@ -6,8 +6,7 @@
 finds the CC-CEDICT words of the zh side with table lookups, and matches English stems to gloss
 stems through integer ids and stamp arrays instead of Python sets.
 
-Pairs whose zh side holds an ASCII letter (Latin words there cover English words by spelling)
-go to the pure-Python scorer, as does a checker with a text encoder.
+A checker with a text encoder uses the pure-Python scorer.
 """
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
@@ -440,8 +439,6 @@ cdef class FastScorer:
                     zh_colour_mask |= 1u << (_zh_colour[c] - 1)
                 if _zh_count[c]:
                     zh_count_mask |= 1u << _zh_count[c]
-        if zh_has_latin_letter:
-            return self.checker._score_python(zh, en)
         for i in range(en_length):
             c = en[i]
             if c >= 128:
@@ -493,7 +490,7 @@ cdef class FastScorer:
             en_count_mask |= <uint32_t> info[2]
         cdef list stems = list(seen)
 
-        cdef Py_ssize_t unmatched = self._align(zh, zh_length, stems)
+        cdef Py_ssize_t unmatched = self._align(zh, zh_length, stems, zh_has_latin_letter)
         cdef Py_ssize_t uncovered = 0, runs = 0
         cdef bint in_run = False
         for i in range(zh_length):
@@ -534,7 +531,7 @@ cdef class FastScorer:
             subscores["counts"] = <double> _popcount(zh_count_mask & en_count_mask) / <double> _popcount(union_mask)
         return self.score_type(self._combine(subscores), subscores)
 
-    cdef Py_ssize_t _align(self, str zh, Py_ssize_t zh_length, list stems) except -1:
+    cdef Py_ssize_t _align(self, str zh, Py_ssize_t zh_length, list stems, bint zh_has_latin_letter) except -1:
         """Match stems to the dictionary words of zh as ``TranslateChecker._align`` does.
 
         Fills ``covered`` for zh and returns the number of stems left unmatched.
@@ -578,13 +575,19 @@ cdef class FastScorer:
                     matched[word] = matched_stamp
                     hits[row[k]] = hit_stamp
 
+        # Latin words written in the zh caption (brand names, units) match by spelling; they
+        # are not gloss stems, so they are compared as strings.
+        latin_hits = None
+        if zh_has_latin_letter:
+            latin_hits = {_py.stem(token) for token in _py._EN_WORD_RE.findall(zh.lower())}
         cdef list unmatched_stems = []
         for s in range(stem_count):
             for form in <tuple> forms_by_stem[s]:
                 if hits[form] == hit_stamp:
                     break
             else:
-                unmatched_stems.append(stems[s])
+                if latin_hits is None or latin_hits.isdisjoint(_py.alternatives(stems[s])):
+                    unmatched_stems.append(stems[s])
         unmatched = len(unmatched_stems)
 
         cdef int32_t *partial = self.partial_marks.marks
