@@ -20,8 +20,9 @@ on the positives (``human`` on the test split) together with that kind's negativ
 
 ``--half`` keeps one of two fixed halves of the split's images (by the parity of the CRC-32 of the
 image id), so weights can be fitted on the human translations of one half of the test images and
-evaluated on the other. ``--speed N`` times ``TranslateChecker.score`` alone, in process CPU time,
-on the first N English captions with their Baidu translations (``enc#N`` / ``zhb#N``, all images).
+evaluated on the other. ``--speed N`` times ``TranslateChecker.score`` alone (compiled when built),
+next to the pure-Python reference scorer, in process CPU time, on the first N English captions with
+their Baidu translations (``enc#N`` / ``zhb#N``, all images).
 
 ``--train-encoder FILE`` trains a ``BilingualEncoder`` on the train split's machine translations
 only (``enc#N`` with ``zhb#N`` and with ``zhg#N``, grouped by image, so the translations of the
@@ -306,29 +307,32 @@ def read_translation_pairs(raw: pathlib.Path, limit: int) -> list[tuple[str, str
 def time_scorer(checker: TranslateChecker, pairs: list[tuple[str, str]], repeats: int = 3) -> dict:
     """Time ``checker.score`` on normalized pairs, in process CPU microseconds per pair.
 
-    The peer in the same run is ``CedictIndex.words_in`` on the zh side alone, the dictionary
-    lookup that every score starts with. One untimed pass first fills the per-word caches.
+    Peers in the same run, taking turns with it: the pure-Python reference scorer
+    (``_score_python``, the same scores) and ``CedictIndex.words_in`` on the zh side alone, the
+    dictionary lookup of the Python scorer. One untimed pass first fills the per-word caches.
     """
     normalized = [(normalize_caption(zh), normalize_caption(en)) for zh, en in pairs]
-    score, words_in = checker.score, checker.index.words_in
-    for zh, en in normalized:
-        score(zh, en)
+    loops = {
+        "score": lambda: [checker.score(zh, en) for zh, en in normalized],
+        "python_score": lambda: [checker._score_python(zh, en) for zh, en in normalized],
+        "words_in": lambda: [checker.index.words_in(zh) for zh, _ in normalized],
+    }
+    for loop in loops.values():
+        loop()
 
-    score_us, lookup_us = [], []
+    runs: dict[str, list[float]] = {name: [] for name in loops}
     for _ in range(repeats):
-        started = time.process_time()
-        for zh, en in normalized:
-            score(zh, en)
-        score_us.append((time.process_time() - started) / len(normalized) * 1e6)
-        started = time.process_time()
-        for zh, _ in normalized:
-            words_in(zh)
-        lookup_us.append((time.process_time() - started) / len(normalized) * 1e6)
+        for name, loop in loops.items():
+            started = time.process_time()
+            loop()
+            runs[name].append((time.process_time() - started) / len(normalized) * 1e6)
     return {
         "pairs": len(normalized),
-        "score_us_per_pair": round(statistics.median(score_us), 2),
-        "words_in_us_per_pair": round(statistics.median(lookup_us), 2),
-        "runs_score_us": [round(value, 2) for value in score_us],
+        "compiled": checker._fast is not None,
+        "score_us_per_pair": round(statistics.median(runs["score"]), 2),
+        "python_score_us_per_pair": round(statistics.median(runs["python_score"]), 2),
+        "words_in_us_per_pair": round(statistics.median(runs["words_in"]), 2),
+        "runs_score_us": [round(value, 2) for value in runs["score"]],
         "load_average_1min": round(os.getloadavg()[0], 2),
     }
 

@@ -181,7 +181,7 @@ def test_time_scorer_reports_cpu_time(checker):
     assert len(pairs) == 20
     result = harness.time_scorer(checker, pairs, repeats=1)
     assert result["pairs"] == 20
-    assert result["score_us_per_pair"] > 0 and result["words_in_us_per_pair"] > 0
+    assert min(result["score_us_per_pair"], result["python_score_us_per_pair"], result["words_in_us_per_pair"]) > 0
 
 
 def test_partial_keys_prefix_and_compound():

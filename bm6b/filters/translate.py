@@ -567,12 +567,25 @@ class TranslateChecker:
         self.encoder = encoder
         if self.encoder is None and self.config.embedding_model:
             self.encoder = load_encoder(self.config.embedding_model)
-        # The compiled scorer gives the same scores; it has no encoder, so it runs only without one.
-        self._fast = None
-        if not self._uses_encoder():
-            module = speedups.compiled("_translate_fast")
-            if module is not None:
-                self._fast = module.FastScorer(self)
+        self._fast = self._compiled_scorer()
+
+    def _compiled_scorer(self):
+        """Return a ``_translate_fast.FastScorer`` for this checker, or None where it cannot run.
+
+        It gives the same scores as ``_score_python``. It has no encoder, so it runs only without one.
+        """
+        if self._uses_encoder():
+            return None
+        module = speedups.compiled("_translate_fast")
+        return module.FastScorer(self) if module is not None else None
+
+    def __getstate__(self) -> dict:
+        # The compiled scorer holds C buffers and cannot be pickled; it is rebuilt on unpickling.
+        return {**self.__dict__, "_fast": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._fast = self._compiled_scorer()
 
     def _uses_encoder(self) -> bool:
         return self.encoder is not None and self.config.weights.get("embedding", 0.0) > 0.0
