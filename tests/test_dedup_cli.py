@@ -286,6 +286,24 @@ def test_read_shard_cut_tar_keeps_readable_rows(tmp_path, into, error):
     assert rejects[1]["url"].startswith("http://127.0.0.1/")
 
 
+def test_read_shard_damaged_parquet_rows(tmp_path):
+    import pyarrow.parquet as pq
+
+    from bm6b.dedup.run import check_shards, read_shard
+
+    shards = _small_shards(tmp_path)
+    path = shards / "00000.parquet"
+    data = bytearray(path.read_bytes())
+    # Overwrite the first data page (after the 4-byte magic) and keep the footer with the schema.
+    first_page = pq.ParquetFile(path).metadata.row_group(0).column(0).data_page_offset
+    data[first_page : first_page + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+
+    check_shards([str(path)])
+    with pytest.raises(ValueError, match=r"00000\.parquet has a readable schema but its rows cannot be read"):
+        read_shard(str(path))
+
+
 def test_read_shard_unreadable_tar_rejects_rows(tmp_path):
     from bm6b.dedup.run import read_shard
 

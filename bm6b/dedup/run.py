@@ -72,8 +72,14 @@ def read_shard(parquet_path: str) -> tuple[list[dict[str, Any]], list[dict[str, 
     image is not in the readable part of the tar, or not in the tar at all, becomes a
     ``truncated_shard`` reject, so every row ends in the output or in the rejects table.
     """
-    with FileSystems.open(parquet_path) as handle:
-        rows = pq.read_table(handle).to_pylist()
+    try:
+        with FileSystems.open(parquet_path) as handle:
+            rows = pq.read_table(handle).to_pylist()
+    except (OSError, pa.ArrowException) as err:
+        # check_shards read the schema, so the damage is in the data pages. Their rows cannot be
+        # listed as rejects without their keys, so the job stops and names the file.
+        raise ValueError(f"shard {parquet_path} has a readable schema but its rows cannot be read ({err}); "
+                         "restore the shard from its source, or move it and its .tar out of the input folder") from err
     tar_path = parquet_path[: -len(".parquet")] + ".tar"
     samples, cut = read_tar_samples(tar_path)
 
