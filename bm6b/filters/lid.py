@@ -26,6 +26,7 @@ import os
 import re
 from typing import NamedTuple
 
+from bm6b.filters import text_normalize
 from bm6b.filters.caption_config import CaptionConfig
 from bm6b.filters.text_normalize import HAN_CLASS, HANGUL_CLASS, KANA_CLASS
 
@@ -74,6 +75,13 @@ class LidResult(NamedTuple):
 def predict_labels(text: str, model=None) -> dict[str, float]:
     """Return the lid.176 labels (without ``__label__``) with probability >= 0.01, and the probabilities."""
     model = model or load_lid_model()
+    if _fast is not None and type(text) is str:
+        return _fast.predict_labels(text, model)
+    return predict_labels_python(text, model)
+
+
+def predict_labels_python(text: str, model) -> dict[str, float]:
+    """Run ``predict_labels`` in pure Python with a loaded ``model`` (not None)."""
     text = text.replace("\n", " ")
     if text.isupper():
         text = text.lower()
@@ -102,6 +110,8 @@ def script_shares(text: str) -> tuple[float, float, bool]:
     A unit is one Han character or one Latin word, so "金马伦景点 The Boh Tea Plantation" has 5 Han
     units and 4 Latin units.
     """
+    if _fast is not None and type(text) is str:
+        return _fast.script_shares(text)
     if text.isascii():
         return 0.0, (1.0 if _LATIN_WORD_RE.search(text) else 0.0), False
     # Deleting the non-Han runs is several times faster than finding each Han character.
@@ -125,6 +135,8 @@ def identify_from_labels(text: str, probs: dict[str, float], config: CaptionConf
     ``probs`` is changed in place. Callers that run language ID on many captions can predict them
     back to back first, which keeps fastText's tables in the CPU cache.
     """
+    if _fast is not None and type(text) is str and type(probs) is dict:
+        return _fast.identify_from_labels(text, probs, config)
     han_share, latin_share, has_kana_hangul = script_shares(text)
 
     zh_labels = config.zh_labels
@@ -202,6 +214,8 @@ def chinese_script(text: str) -> str:
     ``both`` means every Han character is written the same in the two scripts (一个人 has 个, which
     is simplified-only, but 人在水里 is ``both``). Uses hanzidentifier 1.3.0.
     """
+    if _fast is not None and type(text) is str:
+        return _fast.chinese_script(text)
     known, shared, traditional, simplified = _hanzi_sets()
     chinese = known.intersection(text)
     if not chinese:
@@ -249,3 +263,7 @@ def normalize_script(text: str, config: CaptionConfig) -> tuple[str, str, str | 
     if converted == text:
         return text, script, None
     return converted, script, text
+
+
+# The compiled rules, or None. text_normalize imports them once for every caption module (see speedups).
+_fast = text_normalize._fast

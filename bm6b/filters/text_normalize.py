@@ -22,6 +22,7 @@ import unicodedata
 
 import ftfy
 
+from bm6b.filters import speedups
 from bm6b.filters.caption_config import CaptionConfig
 
 HAN_CLASS = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
@@ -126,6 +127,13 @@ def collapse_whitespace(text: str, join_han: bool = True) -> str:
 
 def normalize_caption(text: str | None, config: CaptionConfig | None = None) -> str:
     """Return the canonical form of a caption; ``None`` and non-strings become ``""``."""
+    if _fast is not None:
+        return _fast.normalize_caption(text, config)
+    return normalize_caption_python(text, config)
+
+
+def normalize_caption_python(text: str | None, config: CaptionConfig | None = None) -> str:
+    """Normalize a caption in pure Python. The compiled ``normalize_caption`` calls this for the rare slow steps."""
     if not isinstance(text, str) or not text:
         return ""
     config = config or DEFAULT_CONFIG
@@ -167,3 +175,7 @@ def normalize_caption(text: str | None, config: CaptionConfig | None = None) -> 
 
 
 DEFAULT_CONFIG = CaptionConfig()
+
+# The compiled caption rules, or None when they are not built or switched off. lid, text_quality
+# and captions use this module too, so a missing build logs one warning.
+_fast = speedups.compiled("_caption_fast")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import ahocorasick
 
+from bm6b.filters import text_normalize
 from bm6b.filters.caption_config import CaptionConfig
 from bm6b.filters.literal_gate import _ASCII_CASE_VARIANTS_RE, LiteralGate, _is_uncased
 from bm6b.filters.text_normalize import HAN_CLASS
@@ -208,6 +209,13 @@ def strip_boilerplate(text: str, config: CaptionConfig) -> str:
 
 def junk_issue(text: str) -> QualityIssue | None:
     """Detect captions that are a URL, a file name, a URL slug, or have no letters at all."""
+    if _fast is not None and type(text) is str:
+        return _fast.junk_issue(text)
+    return junk_issue_python(text)
+
+
+def junk_issue_python(text: str) -> QualityIssue | None:
+    """Run ``junk_issue`` in pure Python. The compiled one calls this for text with U+0130, U+0131, U+017F or U+212A."""
     stripped = text.strip()
     if stripped.isascii() and " " in stripped:
         # A URL, a camera file name and a slug contain no whitespace, and in ASCII text the file
@@ -336,14 +344,23 @@ def _repetition_issue(text: str, config: CaptionConfig, han: str, han_text: bool
     return None
 
 
-def blocklist_issue(text: str, config: CaptionConfig) -> QualityIssue | None:
+def _blocklist_lists_and_gate(config: CaptionConfig) -> tuple[tuple, LiteralGate]:
+    """Return the blocklists of a config as (language, paths) pairs, and their gate."""
     lists = tuple(config.blocklist_files.items())
     try:
-        gate = _blocklist_gate(lists)
+        return lists, _blocklist_gate(lists)
     except TypeError:
         # The cache key must be hashable, so paths given as a list become tuples.
         lists = tuple((language, tuple(paths)) for language, paths in lists)
-        gate = _blocklist_gate(lists)
+        return lists, _blocklist_gate(lists)
+
+
+def _blocklist_gate_of(config: CaptionConfig) -> LiteralGate:
+    return _blocklist_lists_and_gate(config)[1]
+
+
+def blocklist_issue(text: str, config: CaptionConfig) -> QualityIssue | None:
+    lists, gate = _blocklist_lists_and_gate(config)
     if not gate.may_match(text):
         return None
     for language, paths in lists:
@@ -385,6 +402,8 @@ def content_issue(text: str, language: str, config: CaptionConfig) -> QualityIss
     They are, in order: blocklists, length, special characters, repeated characters and words.
     Returns the first failing rule, or ``None``.
     """
+    if _fast is not None and type(text) is str and type(language) is str:
+        return _fast.content_issue(text, language, config)
     issue = blocklist_issue(text, config)
     if issue:
         return issue
@@ -400,3 +419,7 @@ def content_issue(text: str, language: str, config: CaptionConfig) -> QualityIss
         return QualityIssue("special_chars", f"special-character ratio {ratio:.2f} > {config.max_special_char_ratio}")
 
     return _repetition_issue(text, config, han, han_text)
+
+
+# The compiled rules, or None. text_normalize imports them once for every caption module (see speedups).
+_fast = text_normalize._fast
