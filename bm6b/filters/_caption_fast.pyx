@@ -11,6 +11,7 @@ This module imports nothing from bm6b when it loads, because ``text_normalize`` 
 the caption modules are still loading. ``_init`` binds the Python helpers on the first call.
 """
 
+cimport cython
 from cpython.unicode cimport Py_UNICODE_ISALNUM, Py_UNICODE_ISDECIMAL, Py_UNICODE_ISSPACE
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
@@ -516,7 +517,8 @@ cdef class _Settings:
     cdef double en_min_value
     cdef double han_script_override, mixed_second_min, mixed_script_min_share, column_override_confidence
     cdef bint strip_boilerplate, convert_traditional
-    cdef _Gate boilerplate_gate, blocklist_gate
+    # Built on first use, so a missing list file raises where the Python rules would read it.
+    cdef _Gate _boilerplate_gate, _blocklist_gate
     cdef object min_zh_chars, max_zh_chars, min_en_words, min_en_chars, max_en_words
     cdef object max_special_char_ratio, max_repeated_word_ratio, min_words_for_repeat_check
     cdef double min_zh_chars_value, max_zh_chars_value, min_en_words_value, min_en_chars_value
@@ -524,6 +526,16 @@ cdef class _Settings:
     cdef double min_words_for_repeat_check_value
     cdef object max_char_run
     cdef Py_ssize_t max_char_run_value  # -1 when max_char_run is not a non-negative int
+
+    cdef _Gate boilerplate_gate(self):
+        if self._boilerplate_gate is None:
+            self._boilerplate_gate = _Gate.of(_tq._boilerplate_gate(tuple(self.config.boilerplate_files)))
+        return self._boilerplate_gate
+
+    cdef _Gate blocklist_gate(self):
+        if self._blocklist_gate is None:
+            self._blocklist_gate = _Gate.of(_tq._blocklist_gate_of(self.config))
+        return self._blocklist_gate
 
 
 cdef object _min_confidence(_Settings s, str label, str slot):
@@ -547,9 +559,6 @@ cdef _Settings _settings(object config):
     s.column_override_confidence = config.column_override_confidence
     s.strip_boilerplate = config.strip_boilerplate
     s.convert_traditional = config.convert_traditional
-    if s.strip_boilerplate:
-        s.boilerplate_gate = _Gate.of(_tq._boilerplate_gate(tuple(config.boilerplate_files)))
-    s.blocklist_gate = _Gate.of(_tq._blocklist_gate_of(config))
 
     s.min_zh_chars = config.min_zh_chars
     s.max_zh_chars = config.max_zh_chars
@@ -644,7 +653,7 @@ cdef object _content(str text, str language, _Settings s, Counts *counts):
     cdef Py_ssize_t n
     cdef double ratio
 
-    if _may_match(s.blocklist_gate, text, counts.case_variant):
+    if _may_match(s.blocklist_gate(), text, counts.case_variant):
         issue = _tq.blocklist_issue(text, s.config)
         if issue:
             return issue
@@ -828,15 +837,18 @@ def content_issue(str text, str language, config):
 # ---------------------------------------------------------------- language ID
 
 
-cdef struct Lid:
-    double score
-    double second_score
-    bint mixed
+@cython.final
+cdef class _Lid:
+    """The fields of a ``lid.LidResult``. One instance serves every caption of a batch, so
+    language ID allocates no result object per caption."""
+    cdef object label, score, slot, second_label
+    cdef double score_value, second_score
+    cdef bint mixed
 
 
-cdef object _identify(str text, list labels, list probabilities, _Settings s, Counts *counts, Lid *out,
-                      dict probs):
-    """Apply ``lid.identify_from_labels``; return (label, score, slot, second label).
+cdef int _identify(str text, list labels, list probabilities, _Settings s, Counts *counts, _Lid out,
+                   dict probs) except -1:
+    """Apply ``lid.identify_from_labels`` and write the result to ``out``.
 
     ``labels`` and ``probabilities`` are the model's labels and probabilities in the model's
     order. ``probs``, when given, is the caller's dict, changed in place as the Python rule does.
@@ -923,7 +935,8 @@ cdef object _identify(str text, list labels, list probabilities, _Settings s, Co
         second_label = zh_label
         out.second_score = zh_score
 
-    out.score = score
+    out.label, out.score, out.slot, out.second_label = label, score, slot, second_label
+    out.score_value = score
     out.mixed = min(zh_score, en_score) >= s.mixed_second_min or (
         han_share >= s.mixed_script_min_share and latin_share >= s.mixed_script_min_share)
 
@@ -932,18 +945,18 @@ cdef object _identify(str text, list labels, list probabilities, _Settings s, Co
             del probs["ja"]
         if zh_score > 0.0 and probs.keys().isdisjoint(s.zh_labels):
             probs[zh_label] = zh_object
-    return label, score, slot, second_label
+    return 0
 
 
 def identify_from_labels(str text, dict probs, config):
     """Return ``lid.identify_from_labels(text, probs, config)``, changing ``probs`` the same way."""
     _init()
     cdef Counts counts
-    cdef Lid lid
+    cdef _Lid result = _Lid.__new__(_Lid)
     _count(text, &counts)
-    label, score, slot, second_label = _identify(text, list(probs), list(probs.values()), _settings(config),
-                                                 &counts, &lid, probs)
-    return _LidResult(label, score, slot, lid.mixed, second_label, lid.second_score)
+    _identify(text, list(probs), list(probs.values()), _settings(config), &counts, result, probs)
+    return _LidResult(result.label, result.score, result.slot, result.mixed, result.second_label,
+                      result.second_score)
 
 
 def script_shares(str text):
@@ -1032,40 +1045,64 @@ cdef tuple _SLOTS = (("zh", "caption_zh", "lid_zh", "lid_zh_score", "lid_zh_mixe
                      ("en", "caption_en", "lid_en", "lid_en_score", "lid_en_mixed"))
 
 
+@cython.final
+@cython.no_gc
+cdef class _Candidate:
+    """One caption of a record on its way through ``assign_languages_batch``.
+
+    Not tracked by the garbage collector, because it refers only to strings and to the model's
+    prediction list, never back to itself. A batch makes two of these per record, and untracked
+    objects do not count towards the allocations that start a collection.
+    """
+    cdef object column_slot  # "zh" or "en" for a caption from that column, else None
+    cdef object text
+    cdef object stripped  # the text after boilerplate removal, or None when the caption was dropped
+    cdef object issue  # why the caption was dropped, or None
+    cdef object predictions  # native fastText predictions, or the dict of lid.predict_labels_python
+
+
+cdef _Candidate _candidate(object column_slot, object text):
+    cdef _Candidate candidate = _Candidate.__new__(_Candidate)
+    candidate.column_slot = column_slot
+    candidate.text = text
+    return candidate
+
+
 cdef list _prepare_candidates(dict record, _Settings s):
     """Apply ``captions._prepare_candidates``."""
-    cdef list candidates = [], prepared = []
+    cdef list candidates = []
     cdef str slot, caption_key, label_key, score_key
+    cdef _Candidate candidate
     for slot, caption_key, label_key, score_key, _ in _SLOTS:
         text = record.get(caption_key)
         if text:
-            candidates.append((slot, text))
+            candidates.append(_candidate(slot, text))
         record[caption_key] = None
         record[label_key] = None
         record[score_key] = None
     for text in record.pop("captions", None) or []:
-        candidates.append((None, text))
+        candidates.append(_candidate(None, text))
     record["captions"] = []
 
-    for column_slot, text in candidates:
+    for candidate in candidates:
+        text = candidate.text
         if type(text) is not str:
             # Let the Python rules raise or decide on other types.
             issue = _tq.junk_issue_python(text)
         else:
             issue = _junk(text)
         if issue is not None:
-            prepared.append((column_slot, text, None, f"{column_slot or 'caption'}: {_issue_text(issue)}"))
+            candidate.issue = f"{candidate.column_slot or 'caption'}: {_issue_text(issue)}"
             continue
         stripped = text
         if s.strip_boilerplate:
-            if type(text) is not str or _may_match(s.boilerplate_gate, text, _has_case_variant(text)):
+            if type(text) is not str or _may_match(s.boilerplate_gate(), text, _has_case_variant(text)):
                 stripped = _tq.strip_boilerplate(text, s.config)
             if not stripped:
-                prepared.append((column_slot, text, None,
-                                 f"{column_slot or 'caption'}: boilerplate: only boilerplate phrases and URLs"))
+                candidate.issue = f"{candidate.column_slot or 'caption'}: boilerplate: only boilerplate phrases and URLs"
                 continue
-        prepared.append((column_slot, text, stripped, None))
-    return prepared
+        candidate.stripped = stripped
+    return candidates
 
 
 cdef str _issue_text(object issue):
@@ -1074,23 +1111,25 @@ cdef str _issue_text(object issue):
     return str(issue)
 
 
-cdef tuple _fill_slots(dict record, list candidates, list predictions, _Settings s):
-    """Apply ``captions._fill_slots`` to labels from ``_predict`` or from ``lid.predict_labels_python``."""
-    cdef list unplaced = [], issues = [], labels, probabilities
+cdef tuple _fill_slots(dict record, list candidates, _Settings s, _Lid lid, list labels, list probabilities):
+    """Apply ``captions._fill_slots``; ``lid``, ``labels`` and ``probabilities`` are scratch space."""
+    cdef list unplaced = None, issues = None
     cdef Counts counts
-    cdef Lid lid
-    cdef Py_ssize_t k
-    cdef str caption_key
-    for k in range(len(candidates)):
-        column_slot, text, stripped, issue = candidates[k]
+    cdef _Candidate candidate
+    for candidate in candidates:
+        column_slot, text, stripped = candidate.column_slot, candidate.text, candidate.stripped
         if stripped is None:
-            issues.append(issue)
+            if issues is None:
+                issues = []
+            issues.append(candidate.issue)
             continue
-        found = predictions[k]
+        found = candidate.predictions
+        candidate.predictions = None
         if isinstance(found, dict):
             labels, probabilities = list(found), list(found.values())
         else:
-            labels, probabilities = [], []
+            del labels[:]
+            del probabilities[:]
             for p, full_label in found:
                 labels.append(_short_label(full_label))
                 probabilities.append(p)
@@ -1098,29 +1137,34 @@ cdef tuple _fill_slots(dict record, list candidates, list predictions, _Settings
         # A str subclass is placed as it is, but the rules read an exact str copy.
         exact = stripped if type(stripped) is str else stripped[:]
         _count(exact, &counts)
-        label, score, slot, _ = _identify(exact, labels, probabilities, s, &counts, &lid, None)
-        if slot is None and column_slot is not None and lid.score < s.column_override_confidence:
+        _identify(exact, labels, probabilities, s, &counts, lid, None)
+        slot = lid.slot
+        if slot is None and column_slot is not None and lid.score_value < s.column_override_confidence:
             slot = column_slot
         if slot is None or record[("caption_zh" if slot == "zh" else "caption_en")]:
             prefix = f"{column_slot} column " if column_slot else ""
-            unplaced.append(f"{prefix}detected {label}:{score:.2f}")
+            if unplaced is None:
+                unplaced = []
+            unplaced.append(f"{prefix}detected {lid.label}:{lid.score:.2f}")
             continue
 
         quality = _junk(exact) if stripped != text else None
         if quality is None:
-            quality = _content(exact, label, s, &counts)
+            quality = _content(exact, lid.label, s, &counts)
         if quality is not None:
+            if issues is None:
+                issues = []
             issues.append(f"{slot}: {_issue_text(quality)}")
             continue
         if slot == "zh":
             record["caption_zh"] = stripped
-            record["lid_zh"] = label
-            record["lid_zh_score"] = score
+            record["lid_zh"] = lid.label
+            record["lid_zh_score"] = lid.score
             record["lid_zh_mixed"] = lid.mixed
         else:
             record["caption_en"] = stripped
-            record["lid_en"] = label
-            record["lid_en_score"] = score
+            record["lid_en"] = lid.label
+            record["lid_en_score"] = lid.score
             record["lid_en_mixed"] = lid.mixed
 
     zh = record.get("caption_zh")
@@ -1134,11 +1178,14 @@ cdef tuple _fill_slots(dict record, list candidates, list predictions, _Settings
         record["zh_script"] = script
         record["caption_zh_original"] = original
 
-    record["caption_issues"] = issues + unplaced
+    if issues is None:
+        record["caption_issues"] = unplaced if unplaced is not None else []
+    else:
+        record["caption_issues"] = issues + unplaced if unplaced is not None else issues
     if record.get("caption_zh") or record.get("caption_en"):
         return record, None
-    if issues:
-        return record, (_CAPTION_FILTERED, "; ".join(issues + unplaced))
+    if issues is not None:
+        return record, (_CAPTION_FILTERED, "; ".join(record["caption_issues"]))
     return record, (_UNSUPPORTED_LANGUAGE, "; ".join(unplaced))
 
 
@@ -1147,17 +1194,17 @@ def assign_languages_batch(records, model, config):
     _init()
     cdef _Settings s = _settings(config)
     cdef list prepared = [_prepare_candidates(record, s) for record in records]
-    cdef list predictions = []
+    cdef _Candidate candidate
     native = getattr(model, "f", None)
     for candidates in prepared:
-        found = []
-        for _, _, stripped, issue in candidates:
-            if issue is not None:
-                found.append(None)
-            elif native is not None and type(stripped) is str:
-                found.append(_predict(stripped, native))
+        for candidate in candidates:
+            if candidate.issue is not None:
+                continue
+            if native is not None and type(candidate.stripped) is str:
+                candidate.predictions = _predict(candidate.stripped, native)
             else:
-                found.append(_lid.predict_labels_python(stripped, model))
-        predictions.append(found)
-    return [_fill_slots(record, candidates, found, s)
-            for record, candidates, found in zip(records, prepared, predictions)]
+                candidate.predictions = _lid.predict_labels_python(candidate.stripped, model)
+    cdef _Lid lid = _Lid.__new__(_Lid)
+    cdef list labels = [], probabilities = []
+    return [_fill_slots(record, candidates, s, lid, labels, probabilities)
+            for record, candidates in zip(records, prepared)]
