@@ -14,19 +14,21 @@ times, and the median is reported:
 * ``bm6b_no_translate``: the same without the translate-check.
 
 Everything runs in one thread, and the rates divide by the process CPU time, so they are pairs
-per second per core even when other jobs share the machine.
+per second per core even when other jobs share the machine. The caption rules run compiled where
+they were built; ``BM6B_PURE_PYTHON=1`` runs the pure-Python rules instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import platform
 import statistics
 import sys
 import time
 
-from bm6b.filters import captions
+from bm6b.filters import captions, speedups
 from bm6b.filters.caption_config import CaptionConfig
 from bm6b.filters.lid import load_lid_model
 from bm6b.filters.translate import TranslateChecker, default_index
@@ -112,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     medians = {name: statistics.median(runs) for name, runs in time_loops(loops, args.repeats).items()}
 
-    print(f"machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}, 1 thread")
+    compiled = [name for name in speedups.COMPILED_MODULES if speedups.compiled(name) is not None]
+    print(f"machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}, 1 thread, "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"compiled caption rules: {', '.join(compiled) or 'none (pure Python)'}")
     print(f"pairs: {len(pairs)} Flickr8k-CN enc/zhb, median of {args.repeats} runs, batches of {args.batch}; "
           f"CC-CEDICT load {load_seconds:.2f} s (once per worker)")
     print("| loop | pairs/s/core | ratio to fastText predict |")
