@@ -198,13 +198,22 @@ def pure_python():
 
 
 def run_both(function, *args):
-    """Return function(*args) with the compiled rules and with pure Python; each gets its own copy of dicts and lists."""
+    """Return function(*args) with the compiled rules and with pure Python; each gets its own copy of dicts and lists.
+
+    An exception counts as the result ("raised", exception type name), so both must raise the same type.
+    """
     def copied():
         return [copy.deepcopy(arg) if isinstance(arg, (dict, list)) else arg for arg in args]
 
-    compiled = function(*copied())
+    def call():
+        try:
+            return function(*copied())
+        except Exception as err:
+            return "raised", type(err).__name__
+
+    compiled = call()
     with pure_python():
-        pure = function(*copied())
+        pure = call()
     return compiled, pure
 
 
@@ -246,7 +255,7 @@ def records_from(texts: list[str]) -> list[dict]:
     records = []
     for i in range(len(texts)):
         a, b, c = texts[i], texts[(i + 1) % len(texts)], texts[(i + 2) % len(texts)]
-        shape = i % 6
+        shape = i % 7
         if shape == 0:
             records.append({"caption_zh": a, "caption_en": b, "captions": []})
         elif shape == 1:
@@ -257,8 +266,10 @@ def records_from(texts: list[str]) -> list[dict]:
             records.append({"caption_zh": a})
         elif shape == 4:
             records.append({"caption_zh": None, "caption_en": a, "captions": None})
-        else:
+        elif shape == 5:
             records.append({"caption_zh": b, "caption_en": a, "captions": [c, ""]})
+        else:
+            records.append({"caption_zh": "", "caption_en": None, "captions": []})
     return records
 
 
@@ -269,14 +280,18 @@ def record_mismatches(texts: list[str], model) -> list[str]:
 
     def run(config):
         normalized = [captions.normalize_record(record, config) for record in copy.deepcopy(records)]
-        kept = [record for record, failure in normalized if failure is None]
-        assigned = captions.assign_languages_batch(kept, model, config)
+        accepted = [record for record, failure in normalized if failure is None]
+        assigned = captions.assign_languages_batch(accepted, model, config)
         # Language ID on captions that normalization did not touch, as assign_languages allows.
         raw = captions.assign_languages_batch(copy.deepcopy(records), model, config)
         return normalized, assigned, raw
 
     for config_name, config in CONFIGS.items():
         compiled, pure = run_both(run, config)
+        if "raised" in (compiled[0], pure[0]):
+            if compiled != pure:
+                found.append(f"{config_name}: compiled {compiled[:2]!r} != pure {pure[:2]!r}")
+            continue
         for part, compiled_part, pure_part in zip(("normalize_record", "assign_languages_batch", "raw records"), compiled, pure):
             for index, (compiled_row, pure_row) in enumerate(zip(compiled_part, pure_part)):
                 if compiled_row != pure_row:
@@ -356,6 +371,62 @@ def test_hand_written_records_same(model):
 @requires_compiled
 def test_records_without_native_predictor_same(model):
     mismatches = record_mismatches(HAND_WRITTEN[:60], WrapperOnlyModel(model))
+    assert not mismatches, f"{len(mismatches)} differences, first: " + "\n".join(mismatches[:5])
+
+
+# Character pools for random captions. Each pool covers a class of characters that some rule tests.
+RANDOM_POOLS = [
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789",
+    " \t\n\r\x0b\x0c\x1c\x1f\x85\xa0\u1680\u2000\u200a\u2028\u2029\u202f\u205f\u3000",
+    ".,;:!?'\"()-_/\\#$%&*+<=>@[]^`{|}~",
+    "一只狗在草地上奔跑的孩子穿着红色衣服個們這裡傳統體字",
+    "，！？：；（）、。《》「」『』【】",
+    "ひらがなカタカナㇰㇱ한국어가각ㄱ",
+    "\u0300\u0301\u0308\u0338\u3099\u309a",
+    "😀🐶🎉✓★●■♥",
+    "İıſ\u212aKk",
+    "٠١٢٣४५৬௭½¼Ⅻⅻ²³①",
+    "ÀÉÎÕÜàéîõüßÿŒœŠšŸŽžƒˆ˜†‡‰‹›€™",
+    "\u00ad\u200b\u200c\u200d\u200e\u200f\u202a\u202e\u2060\u2066\ufeff\ufe0f\U000e0041",
+    "\x00\x01\x07\x1b\x7f\x80\x9b\x9d",
+    "ＡＢＣａｂｃ０１２！＂＃",
+    "兀豈更車\U00020000\U0002a6e0\U00030000\U0003134f\U00031350",
+    "αβγΣσςΑΒΓ абвгдАБВ",
+]
+RANDOM_WORDS = ["stock photo", "http://", "www.", "Shutterstock", "图库照片", "查看源网页", "porn", "xxx", "色情", ".jpg",
+                "IMG_", "DSC", "&amp;", "&#39;", "<b>", "</i>", "\x1b[31m"]
+
+
+def random_texts(count: int, seed: int, surrogates: bool) -> list[str]:
+    """Return ``count`` random captions built from RANDOM_POOLS and RANDOM_WORDS."""
+    import random
+
+    rng = random.Random(seed)
+    pools = RANDOM_POOLS + (["\ud800\udfff\ud83d"] if surrogates else [])
+    texts = []
+    for _ in range(count):
+        parts = []
+        for _ in range(rng.randint(0, 12)):
+            if rng.random() < 0.15:
+                parts.append(rng.choice(RANDOM_WORDS))
+            else:
+                pool = rng.choice(pools)
+                parts.append("".join(rng.choice(pool) for _ in range(rng.randint(1, 8))))
+        texts.append("".join(parts))
+    return texts
+
+
+@requires_compiled
+def test_random_texts_same(model):
+    mismatches = text_mismatches(random_texts(1500, seed=1, surrogates=True), model)
+    assert not mismatches, f"{len(mismatches)} differences, first: " + "\n".join(mismatches[:5])
+
+
+@requires_compiled
+def test_random_records_same(model):
+    # Without lone surrogates: OpenCC raises on them in captions that skipped normalization, and
+    # an exception ends the whole batch in both versions.
+    mismatches = record_mismatches(random_texts(1500, seed=2, surrogates=False), model)
     assert not mismatches, f"{len(mismatches)} differences, first: " + "\n".join(mismatches[:5])
 
 

@@ -509,7 +509,11 @@ cdef bint _has_case_variant(str text):
 
 
 cdef class _Settings:
-    """The CaptionConfig fields the compiled rules read, taken once per call."""
+    """The CaptionConfig fields the compiled rules read, taken once per call.
+
+    NOTE: thresholds are compared as C doubles. That matches Python for int and float values, but
+    a Decimal or Fraction threshold could compare differently when a count or share equals it.
+    """
     cdef object config
     cdef tuple zh_labels
     cdef object min_lid_confidence, default_min_lid_confidence
@@ -1186,7 +1190,7 @@ cdef tuple _fill_slots(dict record, list candidates, _Settings s, _Lid lid, list
         return record, None
     if issues is not None:
         return record, (_CAPTION_FILTERED, "; ".join(record["caption_issues"]))
-    return record, (_UNSUPPORTED_LANGUAGE, "; ".join(unplaced))
+    return record, (_UNSUPPORTED_LANGUAGE, "; ".join(unplaced) if unplaced is not None else "")
 
 
 def assign_languages_batch(records, model, config):
