@@ -144,6 +144,15 @@ def test_traditional_conversion_keeps_original():
     assert original == "一隻狗在草地上奔跑"
 
 
+def test_traditional_conversion_lone_surrogate():
+    # A caption that skipped normalization: OpenCC cannot encode the surrogate as UTF-8.
+    config = CaptionConfig(convert_traditional=True)
+    text, script, original = normalize_script("一隻狗\ud800在跑", config)
+    assert text == "一只狗\ufffd在跑"
+    assert script == TRADITIONAL
+    assert original == "一隻狗\ud800在跑"
+
+
 def test_conversion_off_by_default():
     text, script, original = normalize_script("一隻狗在草地上奔跑", CONFIG)
     assert text == "一隻狗在草地上奔跑"

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 from bm6b.filters import text_normalize
 from bm6b.filters.caption_config import CaptionConfig
-from bm6b.filters.text_normalize import HAN_CLASS, HANGUL_CLASS, KANA_CLASS
+from bm6b.filters.text_normalize import _SURROGATE_RE, HAN_CLASS, HANGUL_CLASS, KANA_CLASS
 
 _NON_HAN_RE = re.compile(f"[^{HAN_CLASS}]+")
 _KANA_HANGUL_RE = re.compile(f"[{KANA_CLASS}{HANGUL_CLASS}]")
@@ -247,7 +247,12 @@ def _hanzi_sets() -> tuple[frozenset[str], ...]:
 
 
 def to_simplified(text: str) -> str:
-    """Convert traditional characters to simplified with OpenCC's t2s table."""
+    """Convert traditional characters to simplified with OpenCC's t2s table.
+
+    OpenCC takes UTF-8, so lone surrogates become U+FFFD first, as normalization does.
+    """
+    if not text.isascii():
+        text = _SURROGATE_RE.sub("\ufffd", text)
     return _opencc_t2s().convert(text)
 
 
