@@ -224,3 +224,17 @@ def test_caption_arguments_min_above_max():
     args = parser.parse_args(["--min-zh-chars", "10", "--max-zh-chars", "5"])
     with pytest.raises(ValueError, match="--min-zh-chars 10 is above --max-zh-chars 5"):
         captions.caption_config_from_args(args)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"zh_labels": ()}, "zh_labels is empty"),
+        ({"length_ratio_low": 0.0}, "invalid length_ratio_low 0.0"),
+        ({"length_ratio_low": 0.5}, "invalid length_ratio_low 0.5"),
+        ({"length_ratio_high": 2.0}, "invalid length_ratio_high 2.0"),
+    ],
+)
+def test_caption_config_rejects_bounds(changes, message):
+    with pytest.raises(ValueError, match=message):
+        CaptionConfig().replace(**changes)

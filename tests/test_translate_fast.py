@@ -98,6 +98,20 @@ def test_custom_config_scores_same():
         assert same(lenient.score(zh, en), lenient._score_python(zh, en)), (zh, en)
 
 
+def test_str_subclass_scores_same(checker):
+    numpy = pytest.importorskip("numpy")
+    zh, en = HAND_PAIRS[1]
+    assert same(checker.score(numpy.str_(zh), numpy.str_(en)), checker._score_python(zh, en))
+
+
+def test_far_negative_logit_scores_zero():
+    # exp(1000) overflows a double: the Python scorer must return 0 as the compiled one does.
+    checker = TranslateChecker(CaptionConfig(translate_bias=-1000.0))
+    zh, en = HAND_PAIRS[1]
+    assert checker._score_python(zh, en).combined == 0.0
+    assert checker.score(zh, en).combined == 0.0
+
+
 def flickr8k_pairs(limit_per_kind: int) -> list[tuple[str, str]]:
     english = flickr8k_captions("enc")
     keys = sorted(english)

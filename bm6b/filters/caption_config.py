@@ -99,6 +99,16 @@ class CaptionConfig:
     translate_min_zh_han_share: float = 0.3  # the zh side must be at least this share Han among its letters
     translate_max_en_han_share: float = 0.1  # the en side may hold at most this share of Han letters
 
+    def __post_init__(self) -> None:
+        # The length sub-score falls from 1 at half or twice the expected length to 0 at these
+        # bounds, so each bound must lie outside [0.5, 2].
+        if not 0.0 < self.length_ratio_low < 0.5:
+            raise ValueError(f"invalid length_ratio_low {self.length_ratio_low}: expected a value between 0 and 0.5")
+        if not self.length_ratio_high > 2.0:
+            raise ValueError(f"invalid length_ratio_high {self.length_ratio_high}: expected a value above 2")
+        if not self.zh_labels:
+            raise ValueError("zh_labels is empty: name at least one fastText label for Chinese, such as 'zh'")
+
     def min_confidence(self, label: str) -> float:
         return self.min_lid_confidence.get(label, self.default_min_lid_confidence)
 

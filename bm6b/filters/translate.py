@@ -591,7 +591,8 @@ class TranslateChecker:
         return self.encoder is not None and self.config.weights.get("embedding", 0.0) > 0.0
 
     def score(self, zh: str, en: str) -> TranslateScore:
-        if self._fast is not None:
+        # The compiled scorer takes exact str; subclasses such as numpy.str_ go the Python way.
+        if self._fast is not None and type(zh) is str and type(en) is str:
             return self._fast.score(zh, en)
         return self._score_python(zh, en)
 
@@ -714,7 +715,10 @@ class TranslateChecker:
             elif name == "embedding":
                 value -= config.embedding_center
             logit += weight * value
-        return 1.0 / (1.0 + math.exp(-logit))
+        try:
+            return 1.0 / (1.0 + math.exp(-logit))
+        except OverflowError:
+            return 0.0  # a logit below about -709; the compiled scorer's exp() gives inf, hence 0 too
 
     def _cosine(self, zh: str, en: str) -> float:
         pair_cosine = getattr(self.encoder, "cosine", None)
