@@ -238,3 +238,11 @@ def test_caption_arguments_min_above_max():
 def test_caption_config_rejects_bounds(changes, message):
     with pytest.raises(ValueError, match=message):
         CaptionConfig().replace(**changes)
+
+
+def test_emptied_zh_labels_raise_not_crash():
+    # Set after construction, so the config check does not see it; the compiled rules read the first label.
+    config = CaptionConfig()
+    config.zh_labels = ()
+    with pytest.raises((ValueError, IndexError)):
+        captions.detect_language("a dog runs on the grass", None, config)

@@ -553,6 +553,9 @@ cdef _Settings _settings(object config):
     cdef _Settings s = _Settings.__new__(_Settings)
     s.config = config
     s.zh_labels = tuple(config.zh_labels)
+    if not s.zh_labels:
+        # Read unchecked below (boundscheck is off); CaptionConfig already rejects this.
+        raise ValueError("zh_labels is empty: name at least one fastText label for Chinese, such as 'zh'")
     s.min_lid_confidence = config.min_lid_confidence
     s.default_min_lid_confidence = config.default_min_lid_confidence
     s.en_min = _min_confidence(s, "en", "en")
