@@ -9,6 +9,11 @@ from setuptools import Extension, setup
 
 COMPILED = ["bm6b.filters._translate_fast", "bm6b.filters._caption_fast"]
 
-extensions = [Extension(name, [name.replace(".", "/") + ".pyx"], optional=True) for name in COMPILED]
+extensions = cythonize([Extension(name, [name.replace(".", "/") + ".pyx"]) for name in COMPILED],
+                       compiler_directives={"language_level": 3}, quiet=True)
+for extension in extensions:
+    # Set after cythonize, which builds new Extension objects without the flag. An optional
+    # extension that fails to compile is skipped with a warning instead of failing the install.
+    extension.optional = True
 
-setup(ext_modules=cythonize(extensions, compiler_directives={"language_level": 3}, quiet=True))
+setup(ext_modules=extensions)
