@@ -294,7 +294,7 @@ def test_read_shard_damaged_parquet_rows(tmp_path):
     shards = _small_shards(tmp_path)
     path = shards / "00000.parquet"
     data = bytearray(path.read_bytes())
-    # Overwrite the first data page (after the 4-byte magic) and keep the footer with the schema.
+    # Overwrite the start of the first data page and keep the footer, which contains the schema.
     first_page = pq.ParquetFile(path).metadata.row_group(0).column(0).data_page_offset
     data[first_page : first_page + 64] = b"\xff" * 64
     path.write_bytes(bytes(data))

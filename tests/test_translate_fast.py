@@ -13,9 +13,9 @@ from bm6b.filters.caption_config import CaptionConfig
 from bm6b.filters.translate import TranslateChecker, TranslateScore
 from text_data import flickr8k_captions
 
-# Pairs that reach each branch of the scorer: hard rules, Latin words and digits on the zh side,
-# digits, colours and counts on the en side, traditional characters, CJK Extension B, kana,
-# overlapping dictionary words, and text with no Han at all.
+# Pairs that reach each branch of the scorer. They include the hard rules, Latin words and digits
+# on the zh side, and digits, colours and counts on the en side. Others have traditional
+# characters, CJK Extension B, kana, overlapping dictionary words, or no Han at all.
 HAND_PAIRS = [
     ("一个自行车手在路上。", "A bicyclist on the road ."),
     ("两只狗在雪地上玩耍。", "Two brown dogs play in the snow ."),

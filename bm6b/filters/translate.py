@@ -580,7 +580,7 @@ class TranslateChecker:
         return module.FastScorer(self) if module is not None else None
 
     def __getstate__(self) -> dict:
-        # The compiled scorer holds C buffers and cannot be pickled; it is rebuilt on unpickling.
+        # The compiled scorer owns C buffers and cannot be pickled, so unpickling builds a new one.
         return {**self.__dict__, "_fast": None}
 
     def __setstate__(self, state: dict) -> None:
@@ -597,7 +597,7 @@ class TranslateChecker:
         return self._score_python(zh, en)
 
     def _score_python(self, zh: str, en: str) -> TranslateScore:
-        """The reference scorer; ``_translate_fast.FastScorer`` gives the same results."""
+        """Score a pair with the pure-Python reference scorer; ``_translate_fast.FastScorer`` gives the same results."""
         config = self.config
 
         # The sub-scores share one Han count of zh. The Latin tokens of zh are counted only when
@@ -718,7 +718,8 @@ class TranslateChecker:
         try:
             return 1.0 / (1.0 + math.exp(-logit))
         except OverflowError:
-            return 0.0  # a logit below about -709; the compiled scorer's exp() gives inf, hence 0 too
+            # A logit below about -709 overflows exp(). The compiled scorer gets inf there, so both return 0.
+            return 0.0
 
     def _cosine(self, zh: str, en: str) -> float:
         pair_cosine = getattr(self.encoder, "cosine", None)
