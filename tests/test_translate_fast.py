@@ -145,3 +145,50 @@ def test_real_pairs_score_the_same(checker):
     differences = [(zh, en) for zh, en in pairs if not same(checker.score(zh, en), checker._score_python(zh, en))]
     assert len(pairs) > 15000
     assert differences == []
+
+
+def random_encoder(settings, rows: int, seed: int):
+    import numpy
+
+    from bm6b.filters.bilingual_encoder import BilingualEncoder
+
+    rng = numpy.random.default_rng(seed)
+    buckets = {language: numpy.sort(rng.choice(settings.buckets, rows, replace=False)) for language in ("zh", "en")}
+    vectors = {language: rng.standard_normal((rows, 8)).astype(numpy.float32) for language in ("zh", "en")}
+    return BilingualEncoder(settings, buckets, vectors)
+
+
+ENCODER_TEXTS = [text for pair in HAND_PAIRS for text in pair] + [
+    "ＡＢＣ１２３ 一只狗", "臺灣的狗", "㐀豈𠀀一只猫", "İstanbul ﬁsh", "K" * 5, "dog's toy, 2 balls", "一只\u200b狗",
+]
+
+
+@pytest.mark.parametrize("zh_max_ngram, en_bigrams, t2s", [(2, True, True), (3, False, False)])
+def test_encoder_rows_match_python(zh_max_ngram, en_bigrams, t2s):
+    from bm6b.filters.bilingual_encoder import FeatureSettings
+
+    # Half of the buckets are stored, so about half of the features get a row and the rest are skipped.
+    settings = FeatureSettings(buckets=4096, zh_max_ngram=zh_max_ngram, en_bigrams=en_bigrams, traditional_to_simplified=t2s)
+    encoder = random_encoder(settings, 2048, seed=zh_max_ngram)
+    if encoder._fast_rows is None:
+        pytest.skip("compiled feature extraction not built")
+    texts = list(ENCODER_TEXTS)
+    try:
+        english, chinese = flickr8k_captions("enc"), flickr8k_captions("zhb")
+        texts += sorted(english.values())[:3000] + sorted(chinese.values())[:3000]
+    except pytest.skip.Exception:
+        pass  # the hand-written texts still run without ../shared
+    for text in texts:
+        for language in ("zh", "en"):
+            assert encoder._table_rows(text, language) == encoder._table_rows_python(text, language), (text, language)
+    assert encoder._table_rows("一只狗", "zh")  # some features of a common caption are stored
+    with pytest.raises(ValueError, match="invalid language 'de'"):
+        encoder._table_rows("ein Hund", "de")
+
+
+def test_encoder_pickle_keeps_rows():
+    from bm6b.filters.bilingual_encoder import FeatureSettings
+
+    encoder = random_encoder(FeatureSettings(buckets=4096), 2048, seed=5)
+    copy = pickle.loads(pickle.dumps(encoder))
+    assert copy._table_rows("一只狗在跑", "zh") == encoder._table_rows("一只狗在跑", "zh")

@@ -666,3 +666,123 @@ cdef class FastScorer:
                 value -= 1.0
             logit += <double> weights.get(name, 0.0) * value
         return 1.0 / (1.0 + exp(-logit))
+
+
+# ---------------------------------------------------------------- bilingual encoder features
+
+
+cdef inline bint _is_encoder_han(Py_UCS4 c):
+    # The encoder's Han runs: [\u3400-\u9fff\uf900-\ufaff], without the supplementary planes.
+    return 0x3400 <= c <= 0x9FFF or 0xF900 <= c <= 0xFAFF
+
+
+cdef inline bint _is_ascii_lower_alnum(Py_UCS4 c):
+    return (u'a' <= c <= u'z') or (u'0' <= c <= u'9')
+
+
+cdef class _FeatureRows:
+    """Appends the table row of each feature, as ``BilingualEncoder._table_rows`` does per feature."""
+
+    cdef dict cache
+    cdef dict bucket_rows
+    cdef object buckets
+    cdef Py_ssize_t max_cached
+    cdef list rows
+
+    def __cinit__(self, dict cache, dict bucket_rows, object buckets, Py_ssize_t max_cached):
+        self.cache = cache
+        self.bucket_rows = bucket_rows
+        self.buckets = buckets
+        self.max_cached = max_cached
+        self.rows = []
+
+    cdef int add(self, str feature) except -1:
+        row = self.cache.get(feature)
+        if row is None:
+            row = self.bucket_rows.get(_crc32(feature.encode("utf-8")) % self.buckets, -1)
+            if len(self.cache) < self.max_cached:
+                self.cache[feature] = row
+        if row >= 0:
+            self.rows.append(row)
+        return 0
+
+
+cdef object _crc32 = None
+cdef object _nfkc = None
+cdef object _encoder_module = None
+
+
+cdef void _bind_encoder_helpers():
+    global _crc32, _nfkc, _encoder_module
+    import unicodedata
+    import zlib
+
+    from bm6b.filters import bilingual_encoder
+
+    _crc32 = zlib.crc32
+    _nfkc = unicodedata.normalize
+    _encoder_module = bilingual_encoder
+
+
+def encoder_rows(encoder, str text, str language):
+    """Return ``BilingualEncoder._table_rows(text, language)``: the same rows, in the same order.
+
+    The order matters, because the float32 sum of the rows follows it.
+    """
+    if _encoder_module is None:
+        _bind_encoder_helpers()
+    if language != "zh" and language != "en":
+        raise ValueError(f"invalid language {language!r}: expected 'zh' or 'en'")
+    settings = encoder.settings
+    cdef _FeatureRows rows = _FeatureRows(encoder._feature_rows[language], encoder._rows[language],
+                                          settings.buckets, _encoder_module.MAX_CACHED_FEATURES)
+    cdef str folded = _nfkc("NFKC", text).lower()
+    if language == "zh" and settings.traditional_to_simplified:
+        converter = _encoder_module._t2s_converter()
+        if converter is not None:
+            folded = converter.convert(folded)
+    cdef Py_ssize_t length = len(folded), i = 0, start, end, size, j
+    cdef int max_ngram
+    cdef list words
+
+    if language == "zh":
+        # Character n-grams of each Han run, sizes 1 to zh_max_ngram, then "#" + each Latin token.
+        max_ngram = settings.zh_max_ngram
+        while i < length:
+            if not _is_encoder_han(folded[i]):
+                i += 1
+                continue
+            start = i
+            while i < length and _is_encoder_han(folded[i]):
+                i += 1
+            for size in range(1, max_ngram + 1):
+                for j in range(start, i - size + 1):
+                    rows.add(folded[j : j + size])
+        for token in _ascii_alnum_tokens(folded, length):
+            rows.add("#" + token)
+        return rows.rows
+
+    # Word stems, then bigrams of adjacent stems.
+    stem = _py.stem
+    words = [stem(token) for token in _ascii_alnum_tokens(folded, length)]
+    for word in words:
+        rows.add(word)
+    if settings.en_bigrams:
+        for j in range(len(words) - 1):
+            rows.add(f"{words[j]} {words[j + 1]}")
+    return rows.rows
+
+
+cdef list _ascii_alnum_tokens(str text, Py_ssize_t length):
+    # The regex [a-z0-9]+ on lower-cased text.
+    cdef list tokens = []
+    cdef Py_ssize_t i = 0, start
+    while i < length:
+        if not _is_ascii_lower_alnum(text[i]):
+            i += 1
+            continue
+        start = i
+        while i < length and _is_ascii_lower_alnum(text[i]):
+            i += 1
+        tokens.append(text[start:i])
+    return tokens

@@ -36,6 +36,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from bm6b.filters import speedups
 from bm6b.filters.translate import stem
 
 logger = logging.getLogger(__name__)
@@ -144,9 +145,18 @@ class BilingualEncoder:
         self._rows = {language: {int(b): i for i, b in enumerate(self.buckets[language])} for language in LANGUAGES}
         # Table rows per feature string, filled on first use, so a repeated feature skips CRC-32.
         self._feature_rows: dict[str, dict[str, int]] = {language: {} for language in LANGUAGES}
+        # The compiled feature extraction, which returns the same rows (see speedups).
+        module = speedups.compiled("_translate_fast")
+        self._fast_rows = module.encoder_rows if module is not None else None
 
     def _table_rows(self, text: str, language: str) -> list[int]:
         """Return the table rows of the features of ``text`` that fall in a stored bucket."""
+        if self._fast_rows is not None and type(text) is str and type(language) is str:
+            return self._fast_rows(self, text, language)
+        return self._table_rows_python(text, language)
+
+    def _table_rows_python(self, text: str, language: str) -> list[int]:
+        """Return ``_table_rows`` computed in Python, the reference for the compiled version."""
         if language == "zh":
             features = zh_features(text, self.settings)
         elif language == "en":
