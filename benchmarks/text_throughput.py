@@ -1,6 +1,6 @@
 """Caption-stage throughput in pairs per second on one core, next to a plain fastText predict loop.
 
-Usage: python benchmarks/text_throughput.py [--raw ../shared/data/raw] [--pairs 20000] [--repeats 3]
+Usage: python benchmarks/text_throughput.py [--raw ../shared/data/raw] [--pairs 20000] [--repeats 3] [--encoder FILE]
 
 Input: Flickr8k-CN pairs (English caption ``enc#N`` with its Baidu translation ``zhb#N``), the
 first ``--pairs`` of them. Three loops run in the same process, taking turns, each ``--repeats``
@@ -15,7 +15,8 @@ times, and the median is reported:
 
 Everything runs in one thread, and the rates divide by the process CPU time, so they are pairs
 per second per core even when other jobs share the machine. The caption rules run compiled where
-they were built; ``BM6B_PURE_PYTHON=1`` runs the pure-Python rules instead.
+they were built; ``BM6B_PURE_PYTHON=1`` runs the pure-Python rules instead. ``--encoder FILE``
+adds the cosine of a trained bilingual encoder to the translate-check.
 """
 
 from __future__ import annotations
@@ -93,10 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=20_000, help="number of caption pairs per loop")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each loop; the median is reported")
     parser.add_argument("--batch", type=int, default=256, help="records per language-ID batch (1: one record at a time)")
+    parser.add_argument("--encoder", default=None, metavar="FILE",
+                        help="add this encoder's cosine to the translate-check (a `bm6b train-text-encoder` file)")
     args = parser.parse_args(argv)
 
     pairs = read_pairs(args.raw, args.pairs)
     config = CaptionConfig()
+    if args.encoder:
+        # The README's example weight and center; any positive weight costs the same.
+        config = config.replace(embedding_model=args.encoder, embedding_center=0.63,
+                                weights={**config.weights, "embedding": 11.6})
     model = load_lid_model()
 
     started = time.perf_counter()
@@ -117,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     compiled = [name for name in speedups.COMPILED_MODULES if speedups.compiled(name) is not None]
     print(f"machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}, 1 thread, "
           f"load average {os.getloadavg()[0]:.2f}")
-    print(f"compiled caption rules: {', '.join(compiled) or 'none (pure Python)'}")
+    print(f"compiled caption rules: {', '.join(compiled) or 'none (pure Python)'}; "
+          f"translate-check encoder: {args.encoder or 'none'}")
     print(f"pairs: {len(pairs)} Flickr8k-CN enc/zhb, median of {args.repeats} runs, batches of {args.batch}; "
           f"CC-CEDICT load {load_seconds:.2f} s (once per worker)")
     print("| loop | pairs/s/core | ratio to fastText predict |")

@@ -192,3 +192,22 @@ def test_encoder_pickle_keeps_rows():
     encoder = random_encoder(FeatureSettings(buckets=4096), 2048, seed=5)
     copy = pickle.loads(pickle.dumps(encoder))
     assert copy._table_rows("一只狗在跑", "zh") == encoder._table_rows("一只狗在跑", "zh")
+
+
+def test_encoder_checker_scores_same():
+    from bm6b.filters.bilingual_encoder import FeatureSettings
+
+    config = CaptionConfig()
+    config = config.replace(weights={**config.weights, "embedding": 11.6}, embedding_center=0.63)
+    checker = TranslateChecker(config, encoder=random_encoder(FeatureSettings(buckets=4096), 2048, seed=7))
+    if checker._fast is None:
+        pytest.skip("compiled scorer not built")
+    pairs = list(HAND_PAIRS)
+    try:
+        pairs += flickr8k_pairs(500)
+    except pytest.skip.Exception:
+        pass  # the hand-written pairs still run without ../shared
+    for zh, en in pairs:
+        fast, reference = checker.score(zh, en), checker._score_python(zh, en)
+        assert same(fast, reference), (zh, en)
+    assert "embedding" in checker.score(*HAND_PAIRS[1]).subscores

@@ -6,7 +6,7 @@
 finds the CC-CEDICT words of the zh side with table lookups, and matches English stems to gloss
 stems through integer ids and stamp arrays instead of Python sets.
 
-A checker with a text encoder uses the pure-Python scorer.
+With a text encoder, the ``embedding`` sub-score comes from the checker's ``_cosine``.
 """
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
@@ -221,6 +221,8 @@ cdef class FastScorer:
     cdef Py_ssize_t covered_capacity
     # Configuration.
     cdef double min_zh_han_share, max_en_han_share, chars_per_word, ratio_low, ratio_high, bias
+    cdef double embedding_center
+    cdef bint uses_encoder
     cdef dict weights
 
     def __cinit__(self):
@@ -304,6 +306,8 @@ cdef class FastScorer:
         self.ratio_high = config.length_ratio_high
         self.bias = config.translate_bias
         self.weights = dict(config.weights)
+        self.uses_encoder = checker._uses_encoder()
+        self.embedding_center = config.embedding_center
 
     def __dealloc__(self):
         PyMem_Free(self.single_word)
@@ -529,6 +533,8 @@ cdef class FastScorer:
         union_mask = zh_count_mask | en_count_mask
         if union_mask:
             subscores["counts"] = <double> _popcount(zh_count_mask & en_count_mask) / <double> _popcount(union_mask)
+        if self.uses_encoder:
+            subscores["embedding"] = self.checker._cosine(zh, en)
         return self.score_type(self._combine(subscores), subscores)
 
     cdef Py_ssize_t _align(self, str zh, Py_ssize_t zh_length, list stems, bint zh_has_latin_letter) except -1:
@@ -664,6 +670,8 @@ cdef class FastScorer:
             value = raw
             if name in _py.AGREEMENT_SUBSCORES:
                 value -= 1.0
+            elif name == "embedding":
+                value -= self.embedding_center
             logit += <double> weights.get(name, 0.0) * value
         return 1.0 / (1.0 + exp(-logit))
 

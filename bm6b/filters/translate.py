@@ -570,12 +570,10 @@ class TranslateChecker:
         self._fast = self._compiled_scorer()
 
     def _compiled_scorer(self):
-        """Return a ``_translate_fast.FastScorer`` for this checker, or None where it cannot run.
+        """Return a ``_translate_fast.FastScorer`` for this checker, or None where it is not built.
 
-        It gives the same scores as ``_score_python``. It has no encoder, so it runs only without one.
+        It gives the same scores as ``_score_python``, and calls ``_cosine`` for the encoder's sub-score.
         """
-        if self._uses_encoder():
-            return None
         module = speedups.compiled("_translate_fast")
         return module.FastScorer(self) if module is not None else None
 
