@@ -211,3 +211,21 @@ def test_encoder_checker_scores_same():
         fast, reference = checker.score(zh, en), checker._score_python(zh, en)
         assert same(fast, reference), (zh, en)
     assert "embedding" in checker.score(*HAND_PAIRS[1]).subscores
+
+
+def test_summed_rows_same_bits_as_numpy():
+    numpy = pytest.importorskip("numpy")
+    from bm6b.filters import speedups
+
+    module = speedups.compiled("_translate_fast")
+    if module is None:
+        pytest.skip("compiled scorer not built")
+    rng = numpy.random.default_rng(3)
+    # Rows of very different scales, so the float32 rounding depends on the order of the additions.
+    table = rng.standard_normal((500, 64)).astype(numpy.float32) * rng.uniform(0.01, 100, (500, 1)).astype(numpy.float32)
+    for count in list(range(1, 40)) + [200, 1000]:
+        rows = [int(row) for row in rng.integers(0, 500, count)]
+        expected = numpy.add.reduce(table.take(rows, axis=0), axis=0)
+        assert module.summed_rows(table, rows).tobytes() == expected.tobytes(), count
+    with pytest.raises(IndexError, match="table row 500 out of range for 500 rows"):
+        module.summed_rows(table, [1, 500])
