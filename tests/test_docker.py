@@ -117,6 +117,9 @@ def test_wheel_carries_package_data(wheel):
                      "bm6b/recipes/laion2b-like.yaml", "bm6b/recipes/wukong-like.yaml",
                      "bm6b/models/configs/bm6b-tiny.json", "bm6b/report/render.py", "bm6b/sample/captions.tsv"):
         assert required in names, required
+    if shutil.which("cc") or shutil.which("gcc"):
+        for module in ("_translate_fast", "_caption_fast"):
+            assert any(name.startswith(f"bm6b/filters/{module}.") and name.endswith(".so") for name in names), module
 
 
 def test_wheel_installs_in_clean_venv(wheel, tmp_path):
