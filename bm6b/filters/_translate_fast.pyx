@@ -79,6 +79,14 @@ cdef inline int _popcount(uint32_t x) nogil:
     return n
 
 
+cdef inline int _remember(dict cache, object key, object value) except -1:
+    # A full cache is emptied at once, which bounds its memory; the captions that follow refill it.
+    if len(cache) >= TOKEN_CACHE_LIMIT:
+        cache.clear()
+    cache[key] = value
+    return 0
+
+
 cdef class _IntArrays:
     """Rows of int32 ids in one buffer (CSR): row i is ``data[start[i]:start[i + 1]]``."""
 
@@ -387,9 +395,7 @@ cdef class FastScorer:
         if word not in _py.EN_STOPWORDS and len(word) >= 2:
             word_stem = _py.stem(word)
         info = (word_stem, _EN_COLOUR_MASK.get(token, 0), _EN_COUNT_MASK.get(token, 0))
-        if len(self.token_info) >= TOKEN_CACHE_LIMIT:
-            self.token_info.clear()
-        self.token_info[token] = info
+        _remember(self.token_info, token, info)
         return info
 
     cdef tuple _forms_of(self, str word_stem):
@@ -398,9 +404,7 @@ cdef class FastScorer:
             key_id = self.key_id
             forms = tuple([key_id[f] for f in _py.alternatives(word_stem)
                            if f in key_id and key_id[f] < self.vocabulary_size])
-            if len(self.stem_forms) >= TOKEN_CACHE_LIMIT:
-                self.stem_forms.clear()
-            self.stem_forms[word_stem] = forms
+            _remember(self.stem_forms, word_stem, forms)
         return forms
 
     cdef tuple _partial_of(self, str word_stem):
@@ -408,9 +412,7 @@ cdef class FastScorer:
         if partial is None:
             key_id = self.key_id
             partial = tuple(sorted(key_id[k] for k in self.checker.index.partial_keys(word_stem) if k in key_id))
-            if len(self.stem_partial) >= TOKEN_CACHE_LIMIT:
-                self.stem_partial.clear()
-            self.stem_partial[word_stem] = partial
+            _remember(self.stem_partial, word_stem, partial)
         return partial
 
     def score(self, str zh, str en):
