@@ -149,6 +149,7 @@ class BilingualEncoder:
         module = speedups.compiled("_translate_fast")
         self._fast_rows = module.encoder_rows if module is not None else None
         self._fast_sum = module.summed_rows if module is not None else None
+        self._fast_cosine = module.encoder_cosine if module is not None else None
 
     def _table_rows(self, text: str, language: str) -> list[int]:
         """Return the table rows of the features of ``text`` that fall in a stored bucket."""
@@ -200,6 +201,12 @@ class BilingualEncoder:
 
     def cosine(self, zh: str, en: str) -> float:
         """Return the cosine of the zh caption's and the en caption's vectors, 0 when either has none."""
+        if self._fast_cosine is not None and type(zh) is str and type(en) is str:
+            return self._fast_cosine(self, zh, en)
+        return self._cosine_python(zh, en)
+
+    def _cosine_python(self, zh: str, en: str) -> float:
+        """Return ``cosine`` computed with the Python feature extraction and numpy sums."""
         a = self._summed(zh, "zh")
         b = self._summed(en, "en")
         if a is None or b is None:
