@@ -15,10 +15,6 @@ from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
 from libc.math cimport sqrt
 from libc.string cimport memset
 
-
-cdef extern from *:
-    void __builtin_prefetch(const void *address) nogil
-
 import itertools
 
 from bm6b.filters import translate as _py
@@ -820,16 +816,9 @@ def summed_rows(const float[:, ::1] table, list rows):
     """
     import numpy
 
-    cdef Py_ssize_t dim = table.shape[1], count = table.shape[0], j, k, row, line
+    cdef Py_ssize_t dim = table.shape[1], count = table.shape[0], j, k, row
     out = numpy.empty(dim, dtype=numpy.float32)
     cdef float[::1] total = out
-    # The rows are scattered over a table larger than the CPU caches. Asking for all of them
-    # first lets their memory reads overlap instead of waiting row by row.
-    for k in range(len(rows)):
-        row = rows[k]
-        if 0 <= row < count:
-            for line in range(0, dim, 16):
-                __builtin_prefetch(&table[row, line])
     for k in range(len(rows)):
         row = rows[k]
         if not 0 <= row < count:
