@@ -126,6 +126,14 @@ def flickr8k_pairs(limit_per_kind: int) -> list[tuple[str, str]]:
     return pairs
 
 
+def hand_and_real_pairs(limit_per_kind: int) -> list[tuple[str, str]]:
+    """Return HAND_PAIRS, followed by Flickr8k-CN pairs when the real data is present."""
+    try:
+        return HAND_PAIRS + flickr8k_pairs(limit_per_kind)
+    except pytest.skip.Exception:
+        return list(HAND_PAIRS)
+
+
 def variants(zh: str, en: str) -> list[tuple[str, str]]:
     return [
         (zh + " iPhone 3", en),
@@ -202,11 +210,7 @@ def test_encoder_checker_scores_same():
     checker = TranslateChecker(config, encoder=random_encoder(FeatureSettings(buckets=4096), 2048, seed=7))
     if checker._fast is None:
         pytest.skip("compiled scorer not built")
-    pairs = list(HAND_PAIRS)
-    try:
-        pairs += flickr8k_pairs(500)
-    except pytest.skip.Exception:
-        pass  # the hand-written pairs still run without ../shared
+    pairs = hand_and_real_pairs(500)
     for zh, en in pairs:
         fast, reference = checker.score(zh, en), checker._score_python(zh, en)
         assert same(fast, reference), (zh, en)
@@ -252,11 +256,7 @@ def test_encoder_cosine_same_float():
     encoder = random_encoder(FeatureSettings(buckets=4096), 2048, seed=9)
     if encoder._fast_cosine is None:
         pytest.skip("compiled encoder cosine not built")
-    pairs = list(HAND_PAIRS)
-    try:
-        pairs += flickr8k_pairs(500)
-    except pytest.skip.Exception:
-        pass  # the hand-written pairs still run without ../shared
+    pairs = hand_and_real_pairs(500)
     for zh, en in pairs:
         assert encoder.cosine(zh, en) == reference_cosine(encoder, zh, en), (zh, en)
     assert encoder.cosine("", "a dog") == 0.0

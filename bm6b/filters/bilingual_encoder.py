@@ -206,7 +206,7 @@ class BilingualEncoder:
         return self._cosine_python(zh, en)
 
     def _cosine_python(self, zh: str, en: str) -> float:
-        """Return ``cosine`` computed with the Python feature extraction and numpy sums."""
+        """Return ``cosine`` without the compiled cosine; ``_summed`` still uses compiled rows and sums where built."""
         a = self._summed(zh, "zh")
         b = self._summed(en, "en")
         if a is None or b is None:

@@ -30,5 +30,5 @@ def compiled(name: str) -> ModuleType | None:
         return importlib.import_module(f"bm6b.filters.{name}")
     except ImportError as err:
         logger.warning("bm6b.filters.%s is not built (%s); the caption rules run as pure Python, "
-                       "several times slower. Reinstall bm6b where a C compiler is present.", name, err)
+                       "about three times slower. Reinstall bm6b where a C compiler is present.", name, err)
         return None

@@ -589,7 +589,7 @@ class TranslateChecker:
         return self.encoder is not None and self.config.weights.get("embedding", 0.0) > 0.0
 
     def score(self, zh: str, en: str) -> TranslateScore:
-        # The compiled scorer takes exact str; subclasses such as numpy.str_ go the Python way.
+        # The compiled scorer takes exact str, so subclasses such as numpy.str_ use the Python scorer.
         if self._fast is not None and type(zh) is str and type(en) is str:
             return self._fast.score(zh, en)
         return self._score_python(zh, en)
